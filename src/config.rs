@@ -1,0 +1,570 @@
+//! Configuration files.
+//!
+//! walstream reads Litestream's YAML format so that an existing
+//! `litestream.yml` works unchanged (`dbs:` with `replicas:` or the single
+//! `replica:` form, `${VAR}`/`$VAR` expansion), plus a few keys of its own.
+//! Keys Litestream knows but walstream does not use are accepted; keys nobody
+//! knows are an error naming the key and its line, because a typo in a backup
+//! tool's config should not silently fall back to a default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    match s {
+        None => Ok(None),
+        Some(s) => parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses Go-style durations: "500ms", "1s", "1m", "24h", "1h30m".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(t).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub level: Option<String>,
+    pub r#type: Option<String>,
+    pub stderr: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GlobalSnapshotConfig {
+    #[serde(default, deserialize_with = "duration")]
+    pub interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub retention: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub dbs: Vec<DbConfig>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub addr: Option<String>,
+    pub exec: Option<String>,
+    pub logging: Option<LoggingConfig>,
+    pub mcp_addr: Option<String>,
+    pub snapshot: Option<GlobalSnapshotConfig>,
+    pub levels: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DbConfig {
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub replicas: Vec<ReplicaConfig>,
+    pub replica: Option<ReplicaConfig>,
+    pub meta_path: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration")]
+    pub monitor_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub checkpoint_interval: Option<Duration>,
+    pub min_checkpoint_page_count: Option<u64>,
+    pub max_checkpoint_page_count: Option<u64>,
+    pub truncate_page_n: Option<u64>,
+    #[serde(default, deserialize_with = "duration")]
+    pub busy_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub snapshot_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReplicaConfig {
+    pub name: Option<String>,
+    pub r#type: Option<String>,
+    pub url: Option<String>,
+    pub path: Option<String>,
+    pub bucket: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub force_path_style: Option<bool>,
+    pub skip_verify: Option<bool>,
+    #[serde(default, deserialize_with = "duration")]
+    pub sync_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub snapshot_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub retention: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub retention_check_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub validation_interval: Option<Duration>,
+    pub part_size: Option<u64>,
+    pub concurrency: Option<u64>,
+    pub sse_c_key: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    pub age: Option<serde_yaml::Value>,
+}
+
+/// A validated configuration, with defaults filled in.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub dbs: Vec<DbSettings>,
+    pub addr: Option<String>,
+    pub exec: Option<String>,
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DbSettings {
+    pub path: PathBuf,
+    pub replicas: Vec<ReplicaTarget>,
+    pub monitor_interval: Duration,
+    pub checkpoint_interval: Duration,
+    pub min_checkpoint_page_count: u64,
+    pub max_checkpoint_page_count: u64,
+    pub snapshot_interval: Duration,
+    pub retention: Option<Duration>,
+    pub busy_timeout: Duration,
+}
+
+impl DbSettings {
+    pub fn with_defaults(path: PathBuf, replicas: Vec<ReplicaTarget>) -> DbSettings {
+        DbSettings {
+            path,
+            replicas,
+            monitor_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(60),
+            min_checkpoint_page_count: 1000,
+            max_checkpoint_page_count: 10_000,
+            snapshot_interval: Duration::from_secs(24 * 3600),
+            retention: None,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where a replica lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaTarget {
+    File { path: PathBuf },
+    S3(S3Target),
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Target {
+    pub bucket: String,
+    /// Key prefix without leading or trailing slash.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub force_path_style: bool,
+    pub skip_verify: bool,
+}
+
+impl std::fmt::Debug for S3Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print credentials, not even in debug output.
+        f.debug_struct("S3Target")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("force_path_style", &self.force_path_style)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for ReplicaTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaTarget::File { path } => write!(f, "file://{}", path.display()),
+            ReplicaTarget::S3(s) if s.prefix.is_empty() => write!(f, "s3://{}", s.bucket),
+            ReplicaTarget::S3(s) => write!(f, "s3://{}/{}", s.bucket, s.prefix),
+        }
+    }
+}
+
+impl ReplicaTarget {
+    /// Parses `file:///dir`, a plain path, or
+    /// `s3://bucket/prefix?endpoint=..&region=..&forcePathStyle=true`.
+    pub fn parse_url(s: &str) -> Result<ReplicaTarget, String> {
+        if let Some(rest) = s.strip_prefix("file://") {
+            if rest.is_empty() {
+                return Err("file:// URL has no path".into());
+            }
+            return Ok(ReplicaTarget::File {
+                path: PathBuf::from(rest),
+            });
+        }
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (loc, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let (bucket, prefix) = loc.split_once('/').unwrap_or((loc, ""));
+            if bucket.is_empty() {
+                return Err("s3:// URL has no bucket".into());
+            }
+            let mut t = S3Target {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+                endpoint: None,
+                region: None,
+                access_key_id: None,
+                secret_access_key: None,
+                force_path_style: false,
+                skip_verify: false,
+            };
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+                match k {
+                    "endpoint" => t.endpoint = Some(v.to_string()),
+                    "region" => t.region = Some(v.to_string()),
+                    "forcePathStyle" | "force-path-style" => t.force_path_style = v == "true",
+                    "skipVerify" | "skip-verify" => t.skip_verify = v == "true",
+                    other => return Err(format!("unknown S3 URL parameter {other:?}")),
+                }
+            }
+            return Ok(ReplicaTarget::S3(t));
+        }
+        if let Some((scheme, _)) = s.split_once("://") {
+            return Err(format!("unsupported replica scheme {scheme:?}"));
+        }
+        if s.is_empty() {
+            return Err("empty replica path".into());
+        }
+        Ok(ReplicaTarget::File {
+            path: PathBuf::from(s),
+        })
+    }
+}
+
+/// Expands `${VAR}` and `$VAR` like Go's os.ExpandEnv (unset is empty);
+/// `$$` is a literal `$`.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.char_indices().peekable();
+    let bytes = text.as_bytes();
+    while let Some((i, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        match bytes.get(i + 1) {
+            Some(b'$') => {
+                chars.next();
+                out.push('$');
+            }
+            Some(b'{') => {
+                if let Some(end) = text[i + 2..].find('}') {
+                    let name = &text[i + 2..i + 2 + end];
+                    out.push_str(&lookup(name).unwrap_or_default());
+                    while let Some(&(j, _)) = chars.peek() {
+                        if j > i + 2 + end {
+                            break;
+                        }
+                        chars.next();
+                    }
+                } else {
+                    out.push('$');
+                }
+            }
+            Some(b) if b.is_ascii_alphabetic() || *b == b'_' => {
+                let len = text[i + 1..]
+                    .bytes()
+                    .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+                    .count();
+                out.push_str(&lookup(&text[i + 1..i + 1 + len]).unwrap_or_default());
+                for _ in 0..len {
+                    chars.next();
+                }
+            }
+            _ => out.push('$'),
+        }
+    }
+    out
+}
+
+impl Config {
+    /// Reads `path`, expands environment variables and parses it.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&expand_env(&text, |k| std::env::var(k).ok()), path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().replace('\n', " "),
+        })
+    }
+
+    /// Validates the configuration and fills in defaults.
+    pub fn settings(&self, path: &Path) -> Result<Settings, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.dbs.is_empty() {
+            return Err(invalid("no databases configured (dbs is empty)".into()));
+        }
+        let mut dbs = Vec::new();
+        for (i, db) in self.dbs.iter().enumerate() {
+            let at = format!("dbs[{i}]");
+            let db_path = db
+                .path
+                .clone()
+                .ok_or_else(|| invalid(format!("{at}: missing path")))?;
+            let replicas: Vec<&ReplicaConfig> = match (&db.replica, db.replicas.is_empty()) {
+                (Some(_), false) => {
+                    return Err(invalid(format!("{at}: replica and replicas are both set")))
+                }
+                (Some(r), true) => vec![r],
+                (None, false) => db.replicas.iter().collect(),
+                (None, true) => return Err(invalid(format!("{at}: no replica configured"))),
+            };
+            let mut s = DbSettings::with_defaults(db_path, Vec::new());
+            if let Some(v) = db.monitor_interval {
+                s.monitor_interval = v.max(Duration::from_millis(10));
+            }
+            if let Some(v) = db.checkpoint_interval {
+                s.checkpoint_interval = v;
+            }
+            if let Some(v) = db.min_checkpoint_page_count {
+                s.min_checkpoint_page_count = v;
+            }
+            if let Some(v) = db.max_checkpoint_page_count.or(db.truncate_page_n) {
+                s.max_checkpoint_page_count = v;
+            }
+            if let Some(v) = db.busy_timeout {
+                s.busy_timeout = v;
+            }
+            if s.max_checkpoint_page_count < s.min_checkpoint_page_count {
+                return Err(invalid(format!(
+                    "{at}: max-checkpoint-page-count ({}) is below min-checkpoint-page-count ({})",
+                    s.max_checkpoint_page_count, s.min_checkpoint_page_count
+                )));
+            }
+            let global_snapshot = self.snapshot.clone().unwrap_or_default();
+            for (j, r) in replicas.iter().enumerate() {
+                let rat = format!("{at}.replicas[{j}]");
+                let target = self
+                    .replica_target(r)
+                    .map_err(|m| invalid(format!("{rat}: {m}")))?;
+                s.replicas.push(target);
+                if let Some(v) = r
+                    .snapshot_interval
+                    .or(db.snapshot_interval)
+                    .or(global_snapshot.interval)
+                {
+                    s.snapshot_interval = v;
+                }
+                s.retention = r.retention.or(global_snapshot.retention).or(s.retention);
+            }
+            if s.snapshot_interval.is_zero() {
+                return Err(invalid(format!("{at}: snapshot-interval must be positive")));
+            }
+            dbs.push(s);
+        }
+        Ok(Settings {
+            dbs,
+            addr: self.addr.clone(),
+            exec: self.exec.clone(),
+            log_level: self.logging.as_ref().and_then(|l| l.level.clone()),
+        })
+    }
+
+    fn replica_target(&self, r: &ReplicaConfig) -> Result<ReplicaTarget, String> {
+        let mut target = match (&r.url, r.r#type.as_deref()) {
+            (Some(url), _) => ReplicaTarget::parse_url(url)?,
+            (None, None | Some("file")) => {
+                let p = r.path.as_ref().ok_or("missing url or path")?;
+                ReplicaTarget::File {
+                    path: PathBuf::from(p),
+                }
+            }
+            (None, Some("s3")) => ReplicaTarget::S3(S3Target {
+                bucket: r.bucket.clone().ok_or("s3 replica needs a bucket")?,
+                prefix: r
+                    .path
+                    .clone()
+                    .unwrap_or_default()
+                    .trim_matches('/')
+                    .to_string(),
+                endpoint: None,
+                region: None,
+                access_key_id: None,
+                secret_access_key: None,
+                force_path_style: false,
+                skip_verify: false,
+            }),
+            (None, Some(other)) => return Err(format!("unsupported replica type {other:?}")),
+        };
+        if let ReplicaTarget::S3(s) = &mut target {
+            if r.endpoint.is_some() {
+                s.endpoint = r.endpoint.clone();
+            }
+            if r.region.is_some() {
+                s.region = r.region.clone();
+            }
+            if let Some(v) = r.force_path_style {
+                s.force_path_style = v;
+            }
+            if let Some(v) = r.skip_verify {
+                s.skip_verify = v;
+            }
+            s.access_key_id = r
+                .access_key_id
+                .clone()
+                .or_else(|| self.access_key_id.clone());
+            s.secret_access_key = r
+                .secret_access_key
+                .clone()
+                .or_else(|| self.secret_access_key.clone());
+        }
+        Ok(target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        let p = Path::new("test.yml");
+        Config::parse(text, p)?.settings(p)
+    }
+
+    #[test]
+    fn litestream_examples() {
+        let s = parse(
+            "dbs:\n  - path: /var/lib/app.db\n    replicas:\n      - url: s3://bucket/app?endpoint=http://127.0.0.1:9000&forcePathStyle=true\n      - type: s3\n        bucket: b2\n        path: /db/\n        region: us-east-1\n        sync-interval: 1s\n  - path: other.db\n    replica:\n      path: /backups/other\n",
+        )
+        .unwrap();
+        assert_eq!(s.dbs.len(), 2);
+        let ReplicaTarget::S3(a) = &s.dbs[0].replicas[0] else {
+            panic!()
+        };
+        assert_eq!(a.bucket, "bucket");
+        assert_eq!(a.prefix, "app");
+        assert_eq!(a.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert!(a.force_path_style);
+        let ReplicaTarget::S3(b) = &s.dbs[0].replicas[1] else {
+            panic!()
+        };
+        assert_eq!((b.bucket.as_str(), b.prefix.as_str()), ("b2", "db"));
+        assert_eq!(
+            s.dbs[1].replicas[0],
+            ReplicaTarget::File {
+                path: "/backups/other".into()
+            }
+        );
+        assert_eq!(s.dbs[1].snapshot_interval, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn env_expansion() {
+        let env = |k: &str| match k {
+            "A" => Some("x".to_string()),
+            "B_2" => Some("y".to_string()),
+            _ => None,
+        };
+        assert_eq!(expand_env("${A}/$B_2/$UNSET/$$/${NOPE}z", env), "x/y//$/z");
+        assert_eq!(expand_env("cost: 5$", env), "cost: 5$");
+    }
+
+    #[test]
+    fn unknown_keys_name_key_and_line() {
+        let e = parse("dbs:\n  - path: a.db\n    replica:\n      path: /r\n      bogus: 1\n")
+            .unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("bogus") && m.contains("line 5"), "{m}");
+        let e = parse("dbz: []\n").unwrap_err().to_string();
+        assert!(e.contains("dbz") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_value_and_line() {
+        let e = parse(
+            "dbs:\n  - path: a.db\n    monitor-interval: fast\n    replica:\n      path: /r\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fast") && e.contains("line 3"), "{e}");
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn semantic_errors() {
+        for (text, needle) in [
+            ("dbs: []\n", "no databases"),
+            ("dbs:\n  - replica:\n      path: /r\n", "missing path"),
+            ("dbs:\n  - path: a.db\n", "no replica"),
+            ("dbs:\n  - path: a.db\n    replica:\n      path: /r\n    replicas:\n      - path: /s\n", "both"),
+            ("dbs:\n  - path: a.db\n    replica:\n      type: gcs\n", "gcs"),
+            ("dbs:\n  - path: a.db\n    min-checkpoint-page-count: 10\n    max-checkpoint-page-count: 5\n    replica:\n      path: /r\n", "max-checkpoint"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn urls_and_display_hide_secrets() {
+        assert_eq!(
+            ReplicaTarget::parse_url("file:///x/y").unwrap(),
+            ReplicaTarget::File {
+                path: "/x/y".into()
+            }
+        );
+        assert_eq!(
+            ReplicaTarget::parse_url("rel/dir").unwrap(),
+            ReplicaTarget::File {
+                path: "rel/dir".into()
+            }
+        );
+        assert!(ReplicaTarget::parse_url("gcs://b/p").is_err());
+        let s = parse("secret-access-key: SUPERSECRET\ndbs:\n  - path: a.db\n    replica:\n      type: s3\n      bucket: bk\n").unwrap();
+        let t = &s.dbs[0].replicas[0];
+        assert!(!format!("{t} {t:?}").contains("SUPERSECRET"));
+        let ReplicaTarget::S3(s3) = t else { panic!() };
+        assert_eq!(s3.secret_access_key.as_deref(), Some("SUPERSECRET"));
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/walstream.yml"));
+        let c = Config::load(p).unwrap();
+        c.settings(p).unwrap();
+    }
+}

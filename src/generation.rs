@@ -1,0 +1,143 @@
+//! Generations: the unit of continuity in a replica.
+//!
+//! A generation is an unbroken history of one database: a snapshot taken when
+//! it starts, then segments whose positions chain without gaps. Whenever
+//! walstream cannot prove that the database only changed through WAL frames it
+//! has read (first run, a WAL reset it did not see, a database changed while
+//! walstream was down, a restored file) it starts a new generation rather than
+//! risk a replica that restores to a state the database never had.
+//!
+//! Generation ids are 20 hex digits: the start time in milliseconds (12 digits)
+//! followed by 8 random digits, so sorting ids sorts generations by start time.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Object key layout inside a replica (see FORMAT.md).
+pub mod layout {
+    /// Prefix holding all generations.
+    pub const GENERATIONS: &str = "generations/";
+
+    pub fn generation_dir(generation: &str) -> String {
+        format!("{GENERATIONS}{generation}/")
+    }
+
+    pub fn manifest(generation: &str) -> String {
+        format!("{GENERATIONS}{generation}/generation.json")
+    }
+
+    pub fn snapshots_dir(generation: &str) -> String {
+        format!("{GENERATIONS}{generation}/snapshots/")
+    }
+
+    /// Snapshot keys carry the snapshot time so that restarts and
+    /// point-in-time restores can pick a snapshot without downloading any.
+    pub fn snapshot(generation: &str, index: u64, timestamp_ms: i64) -> String {
+        format!("{GENERATIONS}{generation}/snapshots/{index:016x}-{timestamp_ms:013}.snapshot")
+    }
+
+    /// Parses `<16 hex index>-<millis>.snapshot` at the end of a key.
+    pub fn parse_snapshot(key: &str) -> Option<(u64, i64)> {
+        let name = key.rsplit('/').next()?;
+        let stem = name.strip_suffix(".snapshot")?;
+        let (index, ms) = stem.split_once('-')?;
+        if index.len() != 16 || ms.is_empty() || !ms.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some((u64::from_str_radix(index, 16).ok()?, ms.parse().ok()?))
+    }
+
+    pub fn segments_dir(generation: &str) -> String {
+        format!("{GENERATIONS}{generation}/segments/")
+    }
+
+    pub fn segment(generation: &str, index: u64) -> String {
+        format!("{GENERATIONS}{generation}/segments/{index:016x}.segment")
+    }
+
+    /// Parses `<16 hex>.<ext>` at the end of a key.
+    pub fn parse_index(key: &str, ext: &str) -> Option<u64> {
+        let name = key.rsplit('/').next()?;
+        let hex = name.strip_suffix(ext)?.strip_suffix('.')?;
+        if hex.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(hex, 16).ok()
+    }
+
+    /// Extracts the generation id from a key under `generations/`.
+    pub fn generation_of(key: &str) -> Option<&str> {
+        let rest = key.strip_prefix(GENERATIONS)?;
+        let id = rest.split('/').next()?;
+        super::is_valid_id(id).then_some(id)
+    }
+}
+
+/// Creates a new generation id for a generation starting now.
+pub fn new_id() -> String {
+    let millis = Utc::now().timestamp_millis().max(0) as u64;
+    format!(
+        "{:012x}{:08x}",
+        millis & 0xffff_ffff_ffff,
+        rand::random::<u32>()
+    )
+}
+
+/// Whether `id` has the shape of a generation id.
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == 20
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Start time encoded in a generation id.
+pub fn id_time(id: &str) -> Option<DateTime<Utc>> {
+    let millis = i64::from_str_radix(id.get(0..12)?, 16).ok()?;
+    DateTime::from_timestamp_millis(millis)
+}
+
+/// `generation.json`: written once when the generation starts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub generation: String,
+    pub started_at: DateTime<Utc>,
+    /// Why the generation was started (first run, WAL reset not observed, ...).
+    pub reason: String,
+    pub page_size: u32,
+    pub database: String,
+    pub hostname: Option<String>,
+    pub walstream_version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_by_time_and_parse() {
+        let a = new_id();
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let b = new_id();
+        assert!(is_valid_id(&a) && is_valid_id(&b));
+        assert!(a[..12] < b[..12]);
+        let t = id_time(&a).unwrap();
+        assert!((Utc::now() - t).num_seconds().abs() < 5);
+        assert_eq!(
+            layout::parse_index(&layout::segment(&a, 42), "segment"),
+            Some(42)
+        );
+        assert_eq!(
+            layout::generation_of(&layout::snapshot(&a, 1, 5)),
+            Some(a.as_str())
+        );
+        assert_eq!(
+            layout::parse_snapshot(&layout::snapshot(&a, 3, 1_700_000_000_123)),
+            Some((3, 1_700_000_000_123))
+        );
+        assert_eq!(
+            layout::parse_index("x/0000000000000001.snapshot.tmp", "snapshot"),
+            None
+        );
+    }
+}

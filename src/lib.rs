@@ -1,0 +1,29 @@
+//! walstream: continuous replication of SQLite databases to a directory or
+//! S3-compatible storage, and exact restores from it.
+//!
+//! Module map (one concept each):
+//! * [`wal`] parses SQLite's WAL and proves continuity with its checksums;
+//! * [`db`] is the source database: connections, read locks, snapshot images;
+//! * [`replicate`] is the engine that ships WAL frames as [`segment`]s;
+//! * [`checkpoint`] checkpoints on the application's behalf without stalling it;
+//! * [`snapshot`], [`segment`], [`generation`] and [`format`] define what is
+//!   stored (see FORMAT.md);
+//! * [`replica`] maps those onto object keys in a [`storage`] backend;
+//! * [`restore`] rebuilds a database from a replica;
+//! * [`config`] reads Litestream-compatible YAML configuration.
+
+pub mod checkpoint;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod format;
+pub mod generation;
+pub mod replica;
+pub mod replicate;
+pub mod restore;
+pub mod segment;
+pub mod snapshot;
+pub mod storage;
+pub mod wal;
+
+pub use error::{Error, Result};

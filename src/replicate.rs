@@ -1,0 +1,527 @@
+//! The replication engine for one database and one replica.
+//!
+//! It runs on its own thread, because everything it does to the database is
+//! blocking (SQLite calls, reading the WAL), and reaches the replica through
+//! the async storage trait on the shared runtime.
+//!
+//! The loop: wake on a file notification for the WAL (or the polling
+//! fallback), then run one *tick*:
+//!
+//! 1. begin a read transaction on the idle connection (the other one still
+//!    holds the previous read transaction, so there is never a moment with no
+//!    reader, and the WAL can never be rewound over unread frames);
+//! 2. read every whole, checksum-valid transaction after the shipped position
+//!    and ship them as one segment (group commit: whatever committed while the
+//!    previous upload was in flight goes into the next segment, with no timer);
+//! 3. only after the segment is stored, end the older read transaction;
+//! 4. checkpoint if due, snapshot if due.
+//!
+//! If the upload fails the older read transaction is kept, the newer one is
+//! dropped, and the tick is retried: nothing unshipped can be checkpointed
+//! away. Continuity is decided from the WAL header: the same salts mean the
+//! same WAL; a reset walstream observed (SQLite increments salt-1) continues the
+//! generation from the new WAL's first frame; anything else starts a new
+//! generation with a fresh snapshot.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rusqlite::Connection;
+use tokio::runtime::Handle;
+
+use crate::checkpoint::{CheckpointPolicy, Checkpointer};
+use crate::db;
+use crate::error::{Error, IoContext, Result};
+use crate::generation::{self, Manifest};
+use crate::replica::Replica;
+use crate::segment::{SegmentHeader, WalPoint};
+use crate::snapshot::SnapshotHeader;
+use crate::wal::{self, WalCursor};
+
+/// Tunables of one replicated database.
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    pub db: PathBuf,
+    /// Polling fallback when file notifications are missed.
+    pub monitor_interval: Duration,
+    pub checkpoint_interval: Duration,
+    pub min_checkpoint_page_count: u64,
+    pub max_checkpoint_page_count: u64,
+    pub snapshot_interval: Duration,
+    pub busy_timeout: Duration,
+}
+
+impl ReplicateOptions {
+    pub fn new(db: impl Into<PathBuf>) -> ReplicateOptions {
+        ReplicateOptions {
+            db: db.into(),
+            monitor_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(60),
+            min_checkpoint_page_count: 1000,
+            max_checkpoint_page_count: 10_000,
+            snapshot_interval: Duration::from_secs(24 * 3600),
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Messages to a running replicator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Something changed on disk (or a test wants a tick now).
+    Wake,
+    /// Ship what is committed, then stop.
+    Shutdown,
+}
+
+/// Where shipping stands, kept in memory so the hot path never lists.
+#[derive(Debug, Clone)]
+struct Shipping {
+    generation: String,
+    next_index: u64,
+    position: u64,
+    /// Position in the current WAL up to which everything is shipped; `None`
+    /// while the WAL is empty (truncated, or not yet written).
+    cursor: Option<WalCursor>,
+    /// Salt-1 of the WAL walstream saw truncated, to check the next header.
+    reset_from: Option<u32>,
+    last_snapshot_ms: i64,
+}
+
+pub struct Replicator {
+    opts: ReplicateOptions,
+    db: PathBuf,
+    wal: PathBuf,
+    replica: Replica,
+    rt: Handle,
+    conns: [Connection; 2],
+    /// Index of the connection holding the read transaction.
+    active: usize,
+    page_size: u32,
+    state: Option<Shipping>,
+    checkpointer: Checkpointer,
+}
+
+impl Replicator {
+    /// Opens the database, waiting for it to be created if needed. Returns
+    /// `Ok(None)` if a shutdown arrived while waiting.
+    pub fn open(
+        opts: ReplicateOptions,
+        replica: Replica,
+        rt: Handle,
+        control: &Receiver<Control>,
+    ) -> Result<Option<Replicator>> {
+        db::check_directory(&opts.db)?;
+        let mut waited = false;
+        loop {
+            match std::fs::metadata(&opts.db) {
+                Ok(m) if m.is_file() => break,
+                Ok(_) => {
+                    return Err(Error::Database {
+                        path: opts.db.clone(),
+                        message: "not a regular file".into(),
+                    })
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    if !waited {
+                        tracing::info!(db = %opts.db.display(), "waiting for database to be created");
+                        waited = true;
+                    }
+                    match control.recv_timeout(opts.monitor_interval.min(Duration::from_secs(1))) {
+                        Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                            return Ok(None)
+                        }
+                        _ => continue,
+                    }
+                }
+                Err(e) => return Err(e).io_ctx("stat", &opts.db),
+            }
+        }
+        let db = canonical(&opts.db)?;
+        let wal = db::wal_path(&db);
+        let c0 = db::open_connection(&db, opts.busy_timeout)?;
+        let page_size = db::ensure_wal(&c0, &db)?;
+        let c1 = db::open_connection(&db, opts.busy_timeout)?;
+        let checkpointer = Checkpointer::new(CheckpointPolicy {
+            min_pages: opts.min_checkpoint_page_count,
+            max_pages: opts.max_checkpoint_page_count,
+            interval: opts.checkpoint_interval,
+            busy_timeout: opts.busy_timeout,
+        });
+        Ok(Some(Replicator {
+            opts,
+            db,
+            wal,
+            replica,
+            rt,
+            conns: [c0, c1],
+            active: 0,
+            page_size,
+            state: None,
+            checkpointer,
+        }))
+    }
+
+    pub fn db_path(&self) -> &Path {
+        &self.db
+    }
+
+    /// Resumes the replica's newest generation if the WAL on disk provably
+    /// continues it, or starts a new generation. Takes the first read lock.
+    pub fn start(&mut self) -> Result<()> {
+        db::begin_read(&self.conns[self.active], &self.db)?;
+        match self.resume()? {
+            Ok(state) => {
+                tracing::info!(
+                    db = %self.db.display(),
+                    replica = %self.replica.location(),
+                    generation = %state.generation,
+                    position = state.position,
+                    "resuming generation"
+                );
+                self.state = Some(state);
+                Ok(())
+            }
+            Err(reason) => self.new_generation(&reason),
+        }
+    }
+
+    /// Runs until `Control::Shutdown` (or the sender is dropped).
+    pub fn run(mut self, control: Receiver<Control>, wake: Sender<Control>) -> Result<()> {
+        let _watcher = self.watch(wake);
+        if self.state.is_none() {
+            self.start()?;
+        }
+        let mut backoff = self.opts.monitor_interval;
+        let mut timeout = self.opts.monitor_interval;
+        loop {
+            let mut shutdown = match control.recv_timeout(timeout) {
+                Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => true,
+                Ok(Control::Wake) | Err(RecvTimeoutError::Timeout) => false,
+            };
+            // Coalesce the burst of notifications one commit produces.
+            while let Ok(m) = control.try_recv() {
+                shutdown |= m == Control::Shutdown;
+            }
+            match self.tick() {
+                Ok(()) => {
+                    backoff = self.opts.monitor_interval;
+                    timeout = self.opts.monitor_interval;
+                }
+                Err(e) if shutdown => {
+                    self.release();
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(db = %self.db.display(), replica = %self.replica.location(), error = %e, retry_in = ?backoff, "replication failed, will retry");
+                    timeout = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+            if shutdown {
+                tracing::info!(db = %self.db.display(), "shipped everything committed, stopping");
+                self.release();
+                return Ok(());
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        for c in &self.conns {
+            let _ = db::end_read(c, &self.db);
+        }
+    }
+
+    fn watch(&self, wake: Sender<Control>) -> Option<notify::RecommendedWatcher> {
+        use notify::Watcher;
+        let wal = self.wal.clone();
+        let db = self.db.clone();
+        let handler = move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                if ev.paths.iter().any(|p| p == &wal || p == &db) {
+                    let _ = wake.send(Control::Wake);
+                }
+            }
+        };
+        let dir = self.db.parent().unwrap_or(Path::new("/")).to_path_buf();
+        match notify::recommended_watcher(handler) {
+            Ok(mut w) => match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable, polling");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "file notifications unavailable, polling");
+                None
+            }
+        }
+    }
+
+    /// One round: lock forward, ship, release the older lock, maintenance.
+    pub fn tick(&mut self) -> Result<()> {
+        let next = 1 - self.active;
+        db::begin_read(&self.conns[next], &self.db)?;
+        if let Err(e) = self.sync() {
+            // Keep the older read lock: it still protects every unshipped frame.
+            let _ = db::end_read(&self.conns[next], &self.db);
+            return Err(e);
+        }
+        db::end_read(&self.conns[self.active], &self.db)?;
+        self.active = next;
+        self.maintain()
+    }
+
+    fn open_wal(&self) -> Result<Option<File>> {
+        match File::open(&self.wal) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).io_ctx("open", &self.wal),
+        }
+    }
+
+    /// Ships every whole transaction after the shipped position.
+    fn sync(&mut self) -> Result<()> {
+        let Some(mut file) = self.open_wal()? else {
+            return Ok(());
+        };
+        let header = wal::read_header(&mut file).io_ctx("read", &self.wal)?;
+        let len = file.metadata().io_ctx("stat", &self.wal)?.len();
+        let st = self.state.as_mut().expect("started");
+        let start = match (header, st.cursor) {
+            (None, Some(c)) => {
+                if len < wal::WAL_HEADER_SIZE {
+                    // Truncated by a checkpoint while we held a read lock:
+                    // everything in it was shipped.
+                    st.reset_from = Some(c.salt1);
+                    st.cursor = None;
+                }
+                return Ok(());
+            }
+            (None, None) => return Ok(()),
+            (Some(h), _) if h.page_size != self.page_size => {
+                return self.new_generation("page size of WAL changed");
+            }
+            (Some(h), Some(c)) if h.salt1 == c.salt1 && h.salt2 == c.salt2 => c,
+            (Some(h), Some(c)) => {
+                if h.salt1 != c.salt1.wrapping_add(1) {
+                    return self.new_generation("WAL was reset more than once between reads");
+                }
+                tracing::debug!(db = %self.db.display(), "WAL reset observed");
+                h.start()
+            }
+            (Some(h), None) => match st.reset_from {
+                Some(s) if h.salt1 != s.wrapping_add(1) => {
+                    return self.new_generation("WAL was recreated with unrelated salts");
+                }
+                _ => h.start(),
+            },
+        };
+        let (committed, end) =
+            wal::read_committed(&mut file, &start, None).io_ctx("read", &self.wal)?;
+        if committed.transactions == 0 {
+            if st.cursor != Some(start) {
+                st.cursor = Some(start);
+                st.reset_from = None;
+            }
+            return Ok(());
+        }
+        let header = SegmentHeader {
+            generation: st.generation.clone(),
+            index: st.next_index,
+            first_position: st.position,
+            last_position: st.position + committed.frames,
+            page_size: self.page_size,
+            db_pages: committed.db_pages,
+            timestamp_ms: Utc::now().timestamp_millis(),
+            transactions: committed.transactions,
+            page_count: committed.pages.len() as u64,
+            wal: WalPoint::from_cursor(&end),
+        };
+        let started = Instant::now();
+        let bytes = self
+            .rt
+            .block_on(self.replica.put_segment(&header, &committed.pages))?;
+        tracing::debug!(
+            db = %self.db.display(),
+            generation = %header.generation,
+            index = header.index,
+            position = header.last_position,
+            transactions = header.transactions,
+            pages = header.page_count,
+            bytes,
+            millis = started.elapsed().as_millis() as u64,
+            "shipped segment"
+        );
+        let st = self.state.as_mut().expect("started");
+        st.cursor = Some(end);
+        st.position = header.last_position;
+        st.next_index += 1;
+        st.reset_from = None;
+        Ok(())
+    }
+
+    /// Checkpoint and periodic snapshot, after the read lock moved forward.
+    fn maintain(&mut self) -> Result<()> {
+        let st = self.state.as_ref().expect("started");
+        let now = Utc::now().timestamp_millis();
+        if now - st.last_snapshot_ms >= self.opts.snapshot_interval.as_millis() as i64 {
+            self.snapshot()?;
+        }
+        let st = self.state.as_ref().expect("started");
+        let shipped_frames = st.cursor.map_or(0, |c| c.frame_index());
+        let frame_size = wal::FRAME_HEADER_SIZE + self.page_size as u64;
+        let file_frames = std::fs::metadata(&self.wal)
+            .map(|m| m.len().saturating_sub(wal::WAL_HEADER_SIZE) / frame_size)
+            .unwrap_or(0);
+        let idle = &self.conns[1 - self.active];
+        self.checkpointer
+            .run(idle, &self.db, shipped_frames, file_frames)?;
+        Ok(())
+    }
+
+    /// Takes a snapshot at the shipped position.
+    fn snapshot(&mut self) -> Result<()> {
+        let st = self.state.as_ref().expect("started").clone();
+        let (image, db_pages) = db::read_image(&self.db, self.page_size, st.cursor.as_ref())?;
+        let header = SnapshotHeader {
+            generation: st.generation.clone(),
+            index: st.next_index,
+            position: st.position,
+            page_size: self.page_size,
+            db_pages,
+            timestamp_ms: Utc::now().timestamp_millis(),
+            wal: st.cursor.as_ref().map(WalPoint::from_cursor),
+        };
+        let bytes = self
+            .rt
+            .block_on(self.replica.put_snapshot(&header, &image))?;
+        tracing::info!(
+            db = %self.db.display(),
+            generation = %header.generation,
+            index = header.index,
+            db_pages,
+            bytes,
+            "stored snapshot"
+        );
+        self.state.as_mut().expect("started").last_snapshot_ms = header.timestamp_ms;
+        Ok(())
+    }
+
+    /// Starts a new generation with a snapshot of the current committed state.
+    fn new_generation(&mut self, reason: &str) -> Result<()> {
+        let cursor = match self.open_wal()? {
+            Some(mut f) => match wal::read_header(&mut f).io_ctx("read", &self.wal)? {
+                Some(h) if h.page_size == self.page_size => Some(
+                    wal::read_committed(&mut f, &h.start(), None)
+                        .io_ctx("read", &self.wal)?
+                        .1,
+                ),
+                _ => None,
+            },
+            None => None,
+        };
+        let id = generation::new_id();
+        let manifest = Manifest {
+            generation: id.clone(),
+            started_at: Utc::now(),
+            reason: reason.to_string(),
+            page_size: self.page_size,
+            database: self.db.display().to_string(),
+            hostname: std::env::var("HOSTNAME").ok(),
+            walstream_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        self.rt.block_on(self.replica.put_manifest(&manifest))?;
+        tracing::info!(db = %self.db.display(), replica = %self.replica.location(), generation = %id, reason, "starting new generation");
+        self.state = Some(Shipping {
+            generation: id,
+            next_index: 0,
+            position: 0,
+            cursor,
+            reset_from: None,
+            last_snapshot_ms: 0,
+        });
+        self.snapshot()
+    }
+
+    /// Finds the newest generation and checks that the WAL on disk continues
+    /// exactly where it ends. `Ok(Err(reason))` when it does not.
+    fn resume(&self) -> Result<std::result::Result<Shipping, String>> {
+        let gens = self.rt.block_on(self.replica.generations())?;
+        let Some(g) = gens.iter().rev().find(|g| !g.snapshots.is_empty()) else {
+            return Ok(Err("no generation in replica".into()));
+        };
+        let &(snap_index, snap_ms, _) = g.snapshots.last().expect("non-empty");
+        let last_seg = g
+            .segments
+            .last()
+            .map(|&(i, _)| i)
+            .filter(|&i| i + 1 >= snap_index);
+        let (point, page_size, position, next_index) = match last_seg {
+            Some(i) => {
+                let seg = self.rt.block_on(self.replica.get_segment(&g.id, i))?;
+                (
+                    Some(seg.header.wal),
+                    seg.header.page_size,
+                    seg.header.last_position,
+                    i + 1,
+                )
+            }
+            None => {
+                let (h, _) = self
+                    .rt
+                    .block_on(self.replica.get_snapshot(&g.id, snap_index, snap_ms))?;
+                (h.wal, h.page_size, h.position, snap_index)
+            }
+        };
+        if page_size != self.page_size {
+            return Ok(Err(format!(
+                "page size changed from {page_size} to {}",
+                self.page_size
+            )));
+        }
+        let Some(point) = point else {
+            return Ok(Err(format!(
+                "generation {} ends before any WAL was written",
+                g.id
+            )));
+        };
+        let cursor = point.to_cursor(page_size);
+        let Some(mut file) = self.open_wal()? else {
+            return Ok(Err("WAL file is gone (database changed or was checkpointed while walstream was not running)".into()));
+        };
+        if !wal::verify_prefix(&mut file, &cursor).io_ctx("read", &self.wal)? {
+            return Ok(Err(format!(
+                "WAL does not continue generation {} (database changed while walstream was not running)",
+                g.id
+            )));
+        }
+        Ok(Ok(Shipping {
+            generation: g.id.clone(),
+            next_index,
+            position,
+            cursor: Some(cursor),
+            reset_from: None,
+            last_snapshot_ms: snap_ms,
+        }))
+    }
+}
+
+fn canonical(db: &Path) -> Result<PathBuf> {
+    let name = db.file_name().ok_or_else(|| Error::Database {
+        path: db.to_path_buf(),
+        message: "not a file path".into(),
+    })?;
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Ok(std::fs::canonicalize(dir)
+        .io_ctx("resolve", dir)?
+        .join(name))
+}

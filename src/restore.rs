@@ -1,0 +1,255 @@
+//! Rebuilding a database from a replica.
+//!
+//! Restore picks a generation (the newest, or the one asked for), the newest
+//! snapshot at or before the target time, and applies that generation's
+//! segments in order. Every object is checksum-verified and the segment
+//! positions must chain from the snapshot without a gap; a missing or corrupt
+//! object stops the restore with an error naming it, because a database that
+//! silently skipped a segment is worse than no database.
+//!
+//! The result is written to a temporary file beside the output and renamed
+//! into place only after `PRAGMA integrity_check` says ok, so the output path
+//! holds either nothing or a complete database.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::{Error, IoContext, Result, SqlContext};
+use crate::generation::layout;
+use crate::replica::{GenerationListing, Replica};
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub output: PathBuf,
+    pub generation: Option<String>,
+    pub timestamp: Option<DateTime<Utc>>,
+    /// Exit quietly if the output already exists.
+    pub if_db_not_exists: bool,
+    /// Exit quietly if the replica has nothing to restore.
+    pub if_replica_exists: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    Restored {
+        generation: String,
+        snapshot_index: u64,
+        segments: u64,
+        position: u64,
+        db_pages: u32,
+    },
+    /// `--if-db-not-exists` and the output exists.
+    OutputExists,
+    /// `--if-replica-exists` and the replica holds nothing.
+    NothingToRestore,
+}
+
+/// Removes the temporary file (and any SQLite side files) unless disarmed.
+struct TempGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut p = self.path.as_os_str().to_owned();
+                p.push(suffix);
+                let _ = std::fs::remove_file(PathBuf::from(p));
+            }
+        }
+    }
+}
+
+pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<RestoreOutcome> {
+    let output = &opts.output;
+    if output.exists() {
+        if opts.if_db_not_exists {
+            return Ok(RestoreOutcome::OutputExists);
+        }
+        return Err(Error::Invalid(format!(
+            "output file {} already exists; refusing to overwrite it",
+            output.display()
+        )));
+    }
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::Invalid(format!(
+            "output directory {} does not exist",
+            dir.display()
+        )));
+    }
+
+    let gens = replica.generations().await?;
+    let target_ms = opts.timestamp.map(|t| t.timestamp_millis());
+    let Some((gen, snap)) = choose(&gens, opts.generation.as_deref(), target_ms, replica)? else {
+        if opts.if_replica_exists && opts.generation.is_none() {
+            return Ok(RestoreOutcome::NothingToRestore);
+        }
+        return Err(
+            match (gens.iter().any(|g| !g.snapshots.is_empty()), target_ms) {
+                (false, _) => Error::NoGeneration {
+                    location: replica.location(),
+                },
+                (true, Some(_)) => Error::Invalid(format!(
+                    "replica {} has no snapshot at or before {}",
+                    replica.location(),
+                    opts.timestamp.unwrap().to_rfc3339()
+                )),
+                (true, None) => Error::Invalid("no usable generation".into()),
+            },
+        );
+    };
+    let (snap_index, snap_ms) = snap;
+
+    let name = output
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    let tmp = dir.join(format!(".{name}.walstream-restore.{}", std::process::id()));
+    let mut guard = TempGuard {
+        path: tmp.clone(),
+        armed: true,
+    };
+
+    let (header, image) = replica.get_snapshot(&gen.id, snap_index, snap_ms).await?;
+    let ps = header.page_size as u64;
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .io_ctx("create", &tmp)?;
+    file.write_all_at(&image, 0).io_ctx("write", &tmp)?;
+    drop(image);
+    let mut db_pages = header.db_pages;
+    let mut position = header.position;
+    let mut expected = snap_index;
+    let mut applied = 0u64;
+    for &(index, _) in gen.segments.iter().filter(|(i, _)| *i >= snap_index) {
+        if index != expected {
+            return Err(Error::Missing {
+                location: replica.location(),
+                key: layout::segment(&gen.id, expected),
+                message: format!(
+                    "segments of generation {} jump from {expected} to {index}",
+                    gen.id
+                ),
+            });
+        }
+        let seg = replica.get_segment(&gen.id, index).await?;
+        let key = layout::segment(&gen.id, index);
+        if let Some(t) = target_ms {
+            if seg.header.timestamp_ms > t {
+                break;
+            }
+        }
+        if seg.header.first_position != position {
+            return Err(replica.bad(
+                &key,
+                &format!(
+                    "starts at position {} but the previous object ends at {position}",
+                    seg.header.first_position
+                ),
+            ));
+        }
+        if seg.header.page_size as u64 != ps {
+            return Err(replica.bad(&key, "page size differs from the snapshot's"));
+        }
+        for (pgno, page) in &seg.pages {
+            if *pgno <= seg.header.db_pages {
+                file.write_all_at(page, (*pgno as u64 - 1) * ps)
+                    .io_ctx("write", &tmp)?;
+            }
+        }
+        db_pages = seg.header.db_pages;
+        file.set_len(db_pages as u64 * ps)
+            .io_ctx("truncate", &tmp)?;
+        position = seg.header.last_position;
+        expected += 1;
+        applied += 1;
+    }
+    file.set_len(db_pages as u64 * ps)
+        .io_ctx("truncate", &tmp)?;
+    file.sync_all().io_ctx("sync", &tmp)?;
+    drop(file);
+
+    check_database(&tmp, header.page_size)?;
+    std::fs::rename(&tmp, output).io_ctx("rename into place", output)?;
+    guard.armed = false;
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .io_ctx("sync", &dir)?;
+    Ok(RestoreOutcome::Restored {
+        generation: gen.id.clone(),
+        snapshot_index: snap_index,
+        segments: applied,
+        position,
+        db_pages,
+    })
+}
+
+/// Picks the generation and the snapshot (index, timestamp) to start from.
+fn choose<'a>(
+    gens: &'a [GenerationListing],
+    generation: Option<&str>,
+    target_ms: Option<i64>,
+    replica: &Replica,
+) -> Result<Option<(&'a GenerationListing, (u64, i64))>> {
+    let pick = |g: &GenerationListing| {
+        g.snapshots
+            .iter()
+            .rev()
+            .find(|(_, ms, _)| target_ms.is_none_or(|t| *ms <= t))
+            .map(|&(i, ms, _)| (i, ms))
+    };
+    if let Some(id) = generation {
+        let Some(g) = gens.iter().find(|g| g.id == id) else {
+            return Err(Error::Invalid(format!(
+                "generation {id} not found in replica {}",
+                replica.location()
+            )));
+        };
+        return Ok(pick(g).map(|s| (g, s)));
+    }
+    Ok(gens.iter().rev().find_map(|g| pick(g).map(|s| (g, s))))
+}
+
+/// Opens the restored file, checks integrity and page size, and leaves it in
+/// WAL mode with no WAL file beside it.
+fn check_database(path: &Path, page_size: u32) -> Result<()> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .db_ctx(path)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .db_ctx(path)?;
+    let result: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .db_ctx(path)?;
+    if result != "ok" {
+        return Err(Error::Invalid(format!(
+            "restored database failed integrity check: {result}"
+        )));
+    }
+    let ps: u32 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .db_ctx(path)?;
+    if ps != page_size || !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Invalid(format!(
+            "restored database has page size {ps} and journal mode {mode}, expected {page_size} and wal"
+        )));
+    }
+    conn.close().map_err(|(_, e)| e).db_ctx(path)?;
+    Ok(())
+}

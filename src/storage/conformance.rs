@@ -1,0 +1,103 @@
+//! The storage contract as executable checks, run against every backend
+//! (memory and directory in unit tests, S3 in the S3 integration tests).
+#![doc(hidden)]
+
+use super::{Storage, StorageError};
+
+/// Runs every check against `s`, which must be empty. Panics on violation.
+pub async fn run(s: &dyn Storage) {
+    // Empty storage lists nothing and misses cleanly.
+    assert!(
+        s.list("").await.unwrap().is_empty(),
+        "storage must start empty"
+    );
+    match s.get("a/missing").await {
+        Err(StorageError::NotFound { key, .. }) => assert_eq!(key, "a/missing"),
+        other => panic!("get of missing key: expected NotFound, got {other:?}"),
+    }
+
+    // Put / get round trip, including empty and binary objects.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    s.put("g/1/segments/b", big.clone()).await.unwrap();
+    s.put("g/1/segments/a", b"alpha".to_vec()).await.unwrap();
+    s.put("g/1/snapshots/a", Vec::new()).await.unwrap();
+    s.put("g/2/x", b"x".to_vec()).await.unwrap();
+    s.put("other", b"o".to_vec()).await.unwrap();
+    assert_eq!(s.get("g/1/segments/b").await.unwrap(), big);
+    assert_eq!(s.get("g/1/snapshots/a").await.unwrap(), Vec::<u8>::new());
+
+    // Overwrite replaces the whole object.
+    s.put("g/1/segments/a", b"a2".to_vec()).await.unwrap();
+    assert_eq!(s.get("g/1/segments/a").await.unwrap(), b"a2");
+
+    // List: recursive, sorted, prefix-filtered, sizes reported.
+    let keys = |v: Vec<super::ObjectMeta>| v.into_iter().map(|m| m.key).collect::<Vec<_>>();
+    assert_eq!(
+        keys(s.list("").await.unwrap()),
+        [
+            "g/1/segments/a",
+            "g/1/segments/b",
+            "g/1/snapshots/a",
+            "g/2/x",
+            "other"
+        ]
+    );
+    assert_eq!(
+        keys(s.list("g/1/").await.unwrap()),
+        ["g/1/segments/a", "g/1/segments/b", "g/1/snapshots/a"]
+    );
+    assert_eq!(
+        keys(s.list("g/1/seg").await.unwrap()),
+        ["g/1/segments/a", "g/1/segments/b"]
+    );
+    assert!(s.list("nothing/").await.unwrap().is_empty());
+    let listed = s.list("g/1/segments/b").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].size, big.len() as u64);
+
+    // Delete, including of a missing key.
+    s.delete("g/1/segments/a").await.unwrap();
+    s.delete("g/1/segments/a").await.unwrap();
+    assert!(s.get("g/1/segments/a").await.unwrap_err().is_not_found());
+    for k in ["g/1/segments/b", "g/1/snapshots/a", "g/2/x", "other"] {
+        s.delete(k).await.unwrap();
+    }
+    assert!(s.list("").await.unwrap().is_empty());
+
+    // Many keys (more than one S3 list page).
+    for i in 0..1100 {
+        s.put(&format!("many/{i:05}"), vec![1]).await.unwrap();
+    }
+    let listed = s.list("many/").await.unwrap();
+    assert_eq!(listed.len(), 1100);
+    assert!(listed.windows(2).all(|w| w[0].key < w[1].key));
+    for m in listed {
+        s.delete(&m.key).await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn memory_conforms() {
+        super::run(&super::super::MemoryStorage::new()).await;
+    }
+
+    #[tokio::test]
+    async fn file_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = super::super::FileStorage::new(dir.path().join("replica"));
+        super::run(&s).await;
+        // No temporary files are left behind.
+        let mut stack = vec![dir.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let e = e.unwrap();
+                assert!(!e.file_name().to_string_lossy().starts_with('.'));
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The directory backend (`file:///path` or a plain path).
+//!
+//! Objects are files under the root directory, one per key. A put writes a
+//! hidden temporary file in the target directory, fsyncs it, renames it into
+//! place and fsyncs the directory, so a crash leaves either the old object or
+//! the complete new one; temporary files are never listed.
+
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use super::{ObjectMeta, Storage, StorageError};
+
+#[derive(Debug, Clone)]
+pub struct FileStorage {
+    root: PathBuf,
+}
+
+impl FileStorage {
+    pub fn new(root: impl Into<PathBuf>) -> FileStorage {
+        FileStorage { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
+        {
+            return Err(StorageError::Backend {
+                op: "resolve",
+                location: self.location(),
+                key: key.to_string(),
+                message: "invalid object key".into(),
+            });
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn io(&self, op: &'static str, key: &str, source: std::io::Error) -> StorageError {
+        if source.kind() == ErrorKind::NotFound && op == "get" {
+            return StorageError::NotFound {
+                location: self.location(),
+                key: key.to_string(),
+            };
+        }
+        StorageError::Io {
+            op,
+            location: self.location(),
+            key: key.to_string(),
+            source,
+        }
+    }
+}
+
+fn put_blocking(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("object path has a parent");
+    std::fs::create_dir_all(dir)?;
+    let name = path.file_name().unwrap().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp.{:08x}", rand::random::<u32>()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn list_blocking(root: &Path, prefix: &str) -> std::io::Result<Vec<ObjectMeta>> {
+    // Start at the deepest directory named by the prefix.
+    let (dir_part, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+    let start = if dir_part.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(dir_part)
+    };
+    let mut out = Vec::new();
+    match std::fs::metadata(root) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+        Ok(m) if !m.is_dir() => {
+            return Err(std::io::Error::new(
+                ErrorKind::NotADirectory,
+                "replica path is not a directory",
+            ))
+        }
+        Ok(_) => {}
+    }
+    let mut stack = vec![start];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::NotADirectory => {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                continue;
+            }
+            let ft = entry.file_type()?;
+            let path = entry.path();
+            let key = path
+                .strip_prefix(root)
+                .expect("under root")
+                .to_string_lossy()
+                .replace(std::path::MAIN_SEPARATOR, "/");
+            if ft.is_dir() {
+                let as_dir = format!("{key}/");
+                if as_dir.starts_with(prefix) || prefix.starts_with(&as_dir) {
+                    stack.push(path);
+                }
+            } else if ft.is_file() && key.starts_with(prefix) {
+                out.push(ObjectMeta {
+                    key,
+                    size: entry.metadata()?.len(),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+#[async_trait]
+impl Storage for FileStorage {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
+        let path = self.path(key)?;
+        tokio::task::spawn_blocking(move || put_blocking(&path, &data))
+            .await
+            .expect("put task")
+            .map_err(|e| self.io("put", key, e))
+    }
+
+    async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+        let path = self.path(key)?;
+        tokio::fs::read(&path)
+            .await
+            .map_err(|e| self.io("get", key, e))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let root = self.root.clone();
+        let p = prefix.to_string();
+        tokio::task::spawn_blocking(move || list_blocking(&root, &p))
+            .await
+            .expect("list task")
+            .map_err(|e| self.io("list", prefix, e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        let path = self.path(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io("delete", key, e)),
+        }
+    }
+
+    fn location(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}

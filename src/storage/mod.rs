@@ -1,0 +1,77 @@
+//! The one interface between walstream and where replicas live.
+//!
+//! Everything the engine and restore need from storage is four operations on
+//! flat keys (`a/b/c`): put a whole object, get it, list keys under a prefix,
+//! delete. Keeping the interface this small is what lets a directory, memory
+//! and S3 back the same engine, and lets one conformance suite
+//! (`storage::conformance`) hold every backend to the same contract:
+//!
+//! * `put` is atomic: readers see the old object, or the whole new one, never a
+//!   part of it, even if the process dies mid-write.
+//! * `get` of a missing key is `StorageError::NotFound`.
+//! * `list` is recursive, sorted by key, and never shows temporary objects.
+//! * `delete` of a missing key succeeds.
+
+pub mod conformance;
+pub mod file;
+pub mod memory;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use file::FileStorage;
+pub use memory::MemoryStorage;
+
+/// An object found by `list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// Errors from a storage backend. Every variant names the object or location.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {key} not found in {location}")]
+    NotFound { location: String, key: String },
+    #[error("{op} {key} in {location}: {source}")]
+    Io {
+        op: &'static str,
+        location: String,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} {key} in {location}: {message}")]
+    Backend {
+        op: &'static str,
+        location: String,
+        key: String,
+        message: String,
+    },
+}
+
+impl StorageError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+}
+
+/// A place objects are stored.
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Stores `data` under `key`, atomically replacing any existing object.
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError>;
+    /// Returns the whole object.
+    async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError>;
+    /// All objects whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError>;
+    /// Removes an object; removing a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StorageError>;
+    /// Where this storage is, for messages (never includes credentials).
+    fn location(&self) -> String;
+}
+
+pub type DynStorage = Arc<dyn Storage>;

@@ -1,0 +1,348 @@
+//! End-to-end replication and restore with the real binary and real SQLite
+//! files: random workloads, application checkpoints, VACUUM, page sizes,
+//! transactions larger than the WAL, restarts and kill -9, point-in-time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn random_workload_restores_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let mut c = app(&db);
+    create_items(&c);
+    let w = Replicating::db(&db, &replica);
+    let mut rng = Rng::new(1);
+    for _ in 0..300 {
+        random_txn(&mut c, &mut rng);
+    }
+    // One transaction larger than the WAL's auto-checkpoint size (1000 pages).
+    let tx = c.transaction().unwrap();
+    for i in 0..1500 {
+        tx.execute(
+            "INSERT INTO items(k, v, b) VALUES (?1, 'big', ?2)",
+            rusqlite::params![i, rng.bytes(4000)],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    for _ in 0..50 {
+        random_txn(&mut c, &mut rng);
+    }
+    let log = w.stop();
+    assert!(log.contains("shipped segment"), "{log}");
+    let out = dir.path().join("restored.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+    // The restored file is alone: no WAL or temporary files beside it.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("restored") || n.contains("walstream-restore"))
+        .collect();
+    assert_eq!(names, ["restored.db"]);
+}
+
+fn checkpoint_workload(page_size: u32) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let mut c = app_with_page_size(&db, page_size);
+    create_items(&c);
+    let w = Replicating::db(&db, &replica);
+    let mut rng = Rng::new(page_size as u64);
+    for round in 0..12 {
+        for _ in 0..15 {
+            random_txn(&mut c, &mut rng);
+        }
+        let mode = ["PASSIVE", "RESTART", "TRUNCATE"][round % 3];
+        // The app runs its own checkpoints; with a busy timeout they wait
+        // for walstream to move its read lock forward.
+        let _: (i64, i64, i64) = c
+            .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        if round == 5 {
+            c.execute_batch("DELETE FROM items WHERE id % 3 = 0; VACUUM;")
+                .unwrap();
+        }
+    }
+    for _ in 0..10 {
+        random_txn(&mut c, &mut rng);
+    }
+    let log = w.stop();
+    let out = dir.path().join("restored.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+    // Observed resets continue the generation: no second generation.
+    assert_eq!(log.matches("starting new generation").count(), 1, "{log}");
+}
+
+#[test]
+fn app_checkpoints_and_vacuum_page_size_512() {
+    checkpoint_workload(512);
+}
+
+#[test]
+fn app_checkpoints_and_vacuum_page_size_4096() {
+    checkpoint_workload(4096);
+}
+
+#[test]
+fn app_checkpoints_and_vacuum_page_size_65536() {
+    checkpoint_workload(65536);
+}
+
+#[test]
+fn walstream_checkpoints_keep_wal_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let cfg = dir.path().join("w.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    min-checkpoint-page-count: 50\n    max-checkpoint-page-count: 200\n    replicas:\n      - url: file://{}\n",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+    let mut c = app(&db);
+    c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    create_items(&c);
+    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    let mut rng = Rng::new(7);
+    let wal = dir.path().join("app.db-wal");
+    let mut max_seen = 0;
+    for i in 0..400 {
+        random_txn(&mut c, &mut rng);
+        if i % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        max_seen = max_seen.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    w.wait_quiet();
+    std::thread::sleep(Duration::from_millis(1500));
+    w.wait_quiet();
+    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let log = w.stop();
+    // With app autocheckpoint off, only walstream checkpoints: the WAL is
+    // truncated once it passes max-checkpoint-page-count.
+    assert!(
+        wal_len < 200 * 4120,
+        "WAL is {wal_len} bytes (max seen {max_seen}):\n{log}"
+    );
+    let out = dir.path().join("restored.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+}
+
+#[test]
+fn restart_resumes_generation_and_kill9_loses_nothing_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let mut c = app(&db);
+    create_items(&c);
+    let mut rng = Rng::new(3);
+
+    // Clean stop and restart while the app keeps writing: same generation.
+    let w = Replicating::db(&db, &replica);
+    for _ in 0..50 {
+        random_txn(&mut c, &mut rng);
+    }
+    w.stop();
+    for _ in 0..20 {
+        random_txn(&mut c, &mut rng);
+    }
+    let w = Replicating::db(&db, &replica);
+    assert!(w.log().contains("resuming generation"), "{}", w.log());
+    for _ in 0..20 {
+        random_txn(&mut c, &mut rng);
+    }
+    // Everything reported shipped survives kill -9.
+    w.wait_quiet();
+    w.kill();
+    let out = dir.path().join("after-kill.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+
+    // kill -9 in the middle of writes, then resume and finish.
+    let w = Replicating::db(&db, &replica);
+    assert!(w.log().contains("resuming generation"), "{}", w.log());
+    let writer = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let mut c = app(&db);
+            let mut rng = Rng::new(4);
+            for _ in 0..200 {
+                random_txn(&mut c, &mut rng);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    w.kill();
+    writer.join().unwrap();
+    let w = Replicating::db(&db, &replica);
+    for _ in 0..20 {
+        random_txn(&mut c, &mut rng);
+    }
+    let log = w.stop();
+    assert!(log.contains("resuming generation"), "{log}");
+    let out = dir.path().join("final.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+    let gens = walstream(&["generations", replica.to_str().unwrap()]);
+    let listing = String::from_utf8_lossy(&gens.stdout);
+    assert_eq!(
+        listing.lines().count(),
+        2,
+        "one generation expected:\n{listing}"
+    );
+}
+
+#[test]
+fn changes_while_stopped_start_a_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let mut c = app(&db);
+    create_items(&c);
+    let mut rng = Rng::new(5);
+    let w = Replicating::db(&db, &replica);
+    for _ in 0..30 {
+        random_txn(&mut c, &mut rng);
+    }
+    w.stop();
+    // While walstream is down the app writes and truncates the WAL: the
+    // frames in between were never seen, so continuity cannot be proven.
+    for _ in 0..30 {
+        random_txn(&mut c, &mut rng);
+    }
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    for _ in 0..5 {
+        random_txn(&mut c, &mut rng);
+    }
+    let w = Replicating::db(&db, &replica);
+    for _ in 0..5 {
+        random_txn(&mut c, &mut rng);
+    }
+    let log = w.stop();
+    assert!(log.contains("starting new generation"), "{log}");
+    let out = dir.path().join("restored.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+}
+
+#[test]
+fn restored_database_starts_a_new_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let mut c = app(&db);
+    create_items(&c);
+    let mut rng = Rng::new(6);
+    let w = Replicating::db(&db, &replica);
+    for _ in 0..10 {
+        random_txn(&mut c, &mut rng);
+    }
+    w.stop();
+    drop(c);
+    // Restore over the original (as an init container would) and replicate
+    // the restored file to the same replica.
+    std::fs::remove_file(&db).unwrap();
+    let _ = std::fs::remove_file(dir.path().join("app.db-wal"));
+    let _ = std::fs::remove_file(dir.path().join("app.db-shm"));
+    restore_ok(&replica, &db, &[]);
+    let w = Replicating::db(&db, &replica);
+    let mut c = app(&db);
+    for _ in 0..10 {
+        random_txn(&mut c, &mut rng);
+    }
+    let log = w.stop();
+    assert!(log.contains("starting new generation"), "{log}");
+    let out = dir.path().join("restored.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+}
+
+#[test]
+fn point_in_time_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let c = app(&db);
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, phase INTEGER)")
+        .unwrap();
+    let w = Replicating::db(&db, &replica);
+    let mut marks = Vec::new();
+    let mut id = 0;
+    for phase in 0..4 {
+        for _ in 0..25 {
+            id += 1;
+            c.execute("INSERT INTO t VALUES (?1, ?2)", [id, phase])
+                .unwrap();
+        }
+        w.wait_quiet();
+        marks.push((chrono::Utc::now(), id));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.stop();
+    for (i, (t, rows)) in marks.iter().enumerate() {
+        let out = dir.path().join(format!("pit{i}.db"));
+        let ts = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        restore_ok(&replica, &out, &["--timestamp", &ts]);
+        let n: i64 = rusqlite::Connection::open(&out)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, *rows, "rows at {ts}");
+    }
+    // Before the generation existed there is nothing to restore.
+    let o = walstream(&[
+        "restore",
+        "-o",
+        dir.path().join("early.db").to_str().unwrap(),
+        "--timestamp",
+        "2001-01-01T00:00:00Z",
+        replica.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!dir.path().join("early.db").exists());
+}
+
+#[test]
+fn database_created_after_start_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("late.db");
+    let replica = dir.path().join("replica");
+    let mut child = std::process::Command::new(bin())
+        .args(["replicate", db.to_str().unwrap(), replica.to_str().unwrap()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "walstream should wait for the database"
+    );
+    let mut c = app(&db);
+    create_items(&c);
+    let mut rng = Rng::new(8);
+    for _ in 0..10 {
+        random_txn(&mut c, &mut rng);
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(wait_timeout(&mut child, Duration::from_secs(20)).success());
+    let out = dir.path().join("restored.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+}

@@ -308,6 +308,58 @@ pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String
     out
 }
 
+/// serde_yaml reports unknown top-level keys without a line, and errors
+/// from nested values at the line of the enclosing mapping. Find the real
+/// line of the key or value at fault and say it.
+fn locate(text: &str, message: &str) -> String {
+    let between = |m: &str, open: &str, close: char| -> Option<String> {
+        let start = m.find(open)? + open.len();
+        let len = m[start..].find(close)?;
+        Some(m[start..start + len].to_string())
+    };
+    let strip_location = |m: &str| -> String {
+        match m.rfind(" at line ") {
+            Some(i) => m[..i].to_string(),
+            None => m.to_string(),
+        }
+    };
+    // serde_yaml's line, when it gives one, is at or before the real one.
+    let from: usize = between(message, " at line ", ' ')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let lines = || {
+        text.lines()
+            .enumerate()
+            .map(|(i, l)| (i + 1, l))
+            .skip(from - 1)
+    };
+    let key_of = |line: &str| -> Option<String> {
+        let t = line.trim_start().trim_start_matches("- ").trim_start();
+        t.split_once(':').map(|(k, _)| k.trim().to_string())
+    };
+    if let Some(key) = between(message, "unknown field `", '`') {
+        if let Some((n, _)) = lines().find(|(_, l)| key_of(l).as_deref() == Some(key.as_str())) {
+            let base = strip_location(message);
+            return format!("{base} (unknown key `{key}` at line {n})");
+        }
+    }
+    if let Some(value) = between(message, "invalid duration \"", '"') {
+        let found = lines().find(|(_, l)| {
+            l.split_once(':')
+                .is_some_and(|(_, v)| v.trim().trim_matches(|c| c == '"' || c == '\'') == value)
+        });
+        if let Some((n, l)) = found {
+            let key = key_of(l).unwrap_or_default();
+            let detail = message
+                .find("invalid duration")
+                .map(|i| strip_location(&message[i..]))
+                .unwrap_or_else(|| message.to_string());
+            return format!("{detail} for {key} at line {n}");
+        }
+    }
+    message.to_string()
+}
+
 impl Config {
     /// Reads `path`, expands environment variables and parses it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -324,7 +376,7 @@ impl Config {
         }
         serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().replace('\n', " "),
+            message: locate(text, &e.to_string().replace('\n', " ")),
         })
     }
 

@@ -69,7 +69,15 @@ pub fn open_connection(db: &Path, busy_timeout: Duration) -> Result<Connection> 
 pub fn ensure_wal(conn: &Connection, db: &Path) -> Result<u32> {
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .map_err(|e| sql_message(db, e))?;
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                Error::Database {
+                    path: db.to_path_buf(),
+                    message: format!("cannot check or switch to WAL mode: {e}"),
+                }
+            }
+            _ => sql_message(db, e),
+        })?;
     if !mode.eq_ignore_ascii_case("wal") {
         let new: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))

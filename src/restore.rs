@@ -132,9 +132,9 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     drop(image);
     let mut db_pages = header.db_pages;
     let mut position = header.position;
-    let mut expected = snap_index;
     let mut applied = 0u64;
-    for &(index, _) in gen.segments.iter().filter(|(i, _)| *i >= snap_index) {
+    let after_snapshot = gen.segments.iter().filter(|(i, _)| *i >= snap_index);
+    for (expected, &(index, _)) in (snap_index..).zip(after_snapshot) {
         if index != expected {
             return Err(Error::Missing {
                 location: replica.location(),
@@ -174,7 +174,6 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         file.set_len(db_pages as u64 * ps)
             .io_ctx("truncate", &tmp)?;
         position = seg.header.last_position;
-        expected += 1;
         applied += 1;
     }
     file.set_len(db_pages as u64 * ps)

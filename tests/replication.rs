@@ -149,6 +149,9 @@ fn restart_resumes_generation_and_kill9_loses_nothing_reported() {
     let db = dir.path().join("app.db");
     let replica = dir.path().join("replica");
     let mut c = app(&db);
+    // No app checkpoints while walstream is down, so the WAL still continues
+    // the generation when it comes back (with them, see the next test).
+    c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
     create_items(&c);
     let mut rng = Rng::new(3);
 
@@ -180,6 +183,7 @@ fn restart_resumes_generation_and_kill9_loses_nothing_reported() {
         let db = db.clone();
         std::thread::spawn(move || {
             let mut c = app(&db);
+            c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
             let mut rng = Rng::new(4);
             for _ in 0..200 {
                 random_txn(&mut c, &mut rng);
@@ -345,4 +349,57 @@ fn database_created_after_start_is_waited_for() {
     let out = dir.path().join("restored.db");
     restore_ok(&replica, &out, &[]);
     assert_same(&db, &out);
+}
+
+#[test]
+fn config_file_drives_replicate_restore_and_listings() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let cfg = dir.path().join("litestream.yml");
+    std::env::set_var("WALSTREAM_TEST_REPLICA_DIR", dir.path().join("replica"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    replicas:\n      - type: file\n        path: ${{WALSTREAM_TEST_REPLICA_DIR}}\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let mut c = app(&db);
+    create_items(&c);
+    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    let mut rng = Rng::new(9);
+    for _ in 0..20 {
+        random_txn(&mut c, &mut rng);
+    }
+    w.stop();
+    let out = dir.path().join("restored.db");
+    let o = walstream(&[
+        "restore",
+        "--config",
+        cfg.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        db.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&db, &out);
+    let replica = dir.path().join("replica");
+    for (cmd, min_lines) in [
+        ("generations", 2),
+        ("snapshots", 2),
+        ("segments", 2),
+        ("wal", 2),
+    ] {
+        let o = walstream(&[cmd, replica.to_str().unwrap()]);
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.lines().count() >= min_lines, "{cmd}:\n{text}");
+    }
+    let o = walstream(&["version"]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("walstream "));
 }

@@ -195,7 +195,10 @@ pub fn read_committed(
             for (pgno, page) in pending.drain(..) {
                 out.pages.insert(pgno, page);
             }
-            out.pages.retain(|&p, _| p <= commit);
+            // Pages past the end of a shrunken database are dead.
+            if out.pages.last_key_value().is_some_and(|(&p, _)| p > commit) {
+                out.pages.retain(|&p, _| p <= commit);
+            }
             out.frames += pending_frames;
             pending_frames = 0;
             out.db_pages = commit;

@@ -51,6 +51,9 @@ pub struct Checkpointer {
     truncate_ready: bool,
     truncate_backoff: Duration,
     truncate_not_before: Instant,
+    /// Shipped frames when a PASSIVE checkpoint last completed: nothing to
+    /// do until more are shipped.
+    completed_at_frames: Option<u64>,
 }
 
 impl Checkpointer {
@@ -61,6 +64,7 @@ impl Checkpointer {
             truncate_ready: false,
             truncate_backoff: Duration::from_secs(1),
             truncate_not_before: Instant::now(),
+            completed_at_frames: None,
         }
     }
 
@@ -97,6 +101,9 @@ impl Checkpointer {
             tracing::debug!(db = %db_path.display(), "TRUNCATE checkpoint done");
             return Ok(Outcome::Truncated);
         }
+        if self.completed_at_frames == Some(shipped_frames) && !self.truncate_ready {
+            return Ok(Outcome::Skipped);
+        }
         let due = now.duration_since(self.last) >= self.policy.interval;
         if shipped_frames == 0
             || (shipped_frames < self.policy.min_pages
@@ -108,6 +115,7 @@ impl Checkpointer {
         let r = db::checkpoint(conn, db_path, "PASSIVE")?;
         self.last = now;
         let complete = !r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed;
+        self.completed_at_frames = complete.then_some(shipped_frames);
         if complete && file_frames >= self.policy.max_pages {
             // Truncate on the next pass, after the read lock has moved forward.
             self.truncate_ready = true;

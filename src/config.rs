@@ -124,6 +124,8 @@ pub struct ReplicaConfig {
     pub validation_interval: Option<Duration>,
     pub part_size: Option<u64>,
     pub concurrency: Option<u64>,
+    pub sse: Option<String>,
+    pub storage_class: Option<String>,
     pub sse_c_key: Option<String>,
     pub sse_kms_key_id: Option<String>,
     pub age: Option<serde_yaml::Value>,
@@ -171,7 +173,7 @@ impl DbSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaTarget {
     File { path: PathBuf },
-    S3(S3Target),
+    S3(Box<S3Target>),
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -185,6 +187,34 @@ pub struct S3Target {
     pub secret_access_key: Option<String>,
     pub force_path_style: bool,
     pub skip_verify: bool,
+    /// Server-side encryption: `AES256` or `aws:kms`.
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
+    pub storage_class: Option<String>,
+    /// Multipart part size in bytes.
+    pub part_size: Option<usize>,
+    /// Parallel downloads during restore.
+    pub concurrency: Option<usize>,
+}
+
+impl S3Target {
+    pub fn new(bucket: &str, prefix: &str) -> S3Target {
+        S3Target {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: None,
+            region: None,
+            access_key_id: None,
+            secret_access_key: None,
+            force_path_style: false,
+            skip_verify: false,
+            sse: None,
+            sse_kms_key_id: None,
+            storage_class: None,
+            part_size: None,
+            concurrency: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for S3Target {
@@ -228,16 +258,7 @@ impl ReplicaTarget {
             if bucket.is_empty() {
                 return Err("s3:// URL has no bucket".into());
             }
-            let mut t = S3Target {
-                bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
-                endpoint: None,
-                region: None,
-                access_key_id: None,
-                secret_access_key: None,
-                force_path_style: false,
-                skip_verify: false,
-            };
+            let mut t = S3Target::new(bucket, prefix);
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
                 match k {
@@ -248,7 +269,7 @@ impl ReplicaTarget {
                     other => return Err(format!("unknown S3 URL parameter {other:?}")),
                 }
             }
-            return Ok(ReplicaTarget::S3(t));
+            return Ok(ReplicaTarget::S3(Box::new(t)));
         }
         if let Some((scheme, _)) = s.split_once("://") {
             return Err(format!("unsupported replica scheme {scheme:?}"));
@@ -464,21 +485,10 @@ impl Config {
                     path: PathBuf::from(p),
                 }
             }
-            (None, Some("s3")) => ReplicaTarget::S3(S3Target {
-                bucket: r.bucket.clone().ok_or("s3 replica needs a bucket")?,
-                prefix: r
-                    .path
-                    .clone()
-                    .unwrap_or_default()
-                    .trim_matches('/')
-                    .to_string(),
-                endpoint: None,
-                region: None,
-                access_key_id: None,
-                secret_access_key: None,
-                force_path_style: false,
-                skip_verify: false,
-            }),
+            (None, Some("s3")) => ReplicaTarget::S3(Box::new(S3Target::new(
+                r.bucket.as_deref().ok_or("s3 replica needs a bucket")?,
+                r.path.as_deref().unwrap_or_default(),
+            ))),
             (None, Some(other)) => return Err(format!("unsupported replica type {other:?}")),
         };
         if let ReplicaTarget::S3(s) = &mut target {

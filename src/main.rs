@@ -16,7 +16,7 @@ use walstream::generation;
 use walstream::replica::Replica;
 use walstream::replicate::{Control, ReplicateOptions, Replicator};
 use walstream::restore::{self, RestoreOptions, RestoreOutcome};
-use walstream::storage::{DynStorage, FileStorage};
+use walstream::storage::{DynStorage, FileStorage, S3Storage};
 
 #[derive(Parser)]
 #[command(
@@ -157,8 +157,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if_db_not_exists,
             if_replica_exists,
         } => {
-            let replica = resolve_target(&target)?;
+            let (replica, concurrency) = resolve_target(&target).await?;
             let opts = RestoreOptions {
+                concurrency,
                 output: output.clone(),
                 generation,
                 timestamp,
@@ -185,11 +186,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Generations { target } => {
-            let replica = resolve_target(&target)?;
+            let (replica, _) = resolve_target(&target).await?;
             list_generations(&replica).await
         }
         Command::Snapshots { target, generation } => {
-            let replica = resolve_target(&target)?;
+            let (replica, _) = resolve_target(&target).await?;
             println!(
                 "{:<22} {:>8} {:>12} {:<25}",
                 "generation", "index", "size", "created"
@@ -205,7 +206,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Segments { target, generation } => {
-            let replica = resolve_target(&target)?;
+            let (replica, _) = resolve_target(&target).await?;
             println!("{:<22} {:>8} {:>12}", "generation", "index", "size");
             for g in replica.generations().await? {
                 if generation.as_ref().is_some_and(|id| *id != g.id) {
@@ -260,15 +261,25 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
 }
 
 /// Opens the storage behind a replica target.
-fn open_replica(target: &ReplicaTarget) -> Result<Replica> {
+async fn open_replica(target: &ReplicaTarget) -> Result<Replica> {
     let storage: DynStorage = match target {
         ReplicaTarget::File { path } => Arc::new(FileStorage::new(path.clone())),
-        ReplicaTarget::S3(s3) => bail!(
-            "replica s3://{}: S3 replicas are not supported by this build yet",
-            s3.bucket
-        ),
+        ReplicaTarget::S3(s3) => {
+            if s3.skip_verify {
+                tracing::warn!(replica = %target, "skip-verify is not supported; TLS certificates are verified");
+            }
+            Arc::new(S3Storage::new(s3).await)
+        }
     };
     Ok(Replica::new(storage))
+}
+
+/// Parallel downloads for restore: the replica's `concurrency`, else 8.
+fn restore_concurrency(target: &ReplicaTarget) -> usize {
+    match target {
+        ReplicaTarget::S3(s3) => s3.concurrency.unwrap_or(8),
+        ReplicaTarget::File { .. } => 4,
+    }
 }
 
 fn load_settings(path: &Path) -> Result<Settings> {
@@ -277,7 +288,7 @@ fn load_settings(path: &Path) -> Result<Settings> {
 }
 
 /// Resolves the positional argument of restore/list commands to a replica.
-fn resolve_target(t: &Target) -> Result<Replica> {
+async fn resolve_target(t: &Target) -> Result<(Replica, usize)> {
     if let Some(cfg) = &t.config {
         let settings = load_settings(cfg)?;
         let wanted = absolute(Path::new(&t.target));
@@ -285,12 +296,12 @@ fn resolve_target(t: &Target) -> Result<Replica> {
             let first = db.replicas.first().ok_or_else(|| {
                 anyhow!("database {} has no replica in {}", t.target, cfg.display())
             })?;
-            return open_replica(first);
+            return Ok((open_replica(first).await?, restore_concurrency(first)));
         }
     }
     let target =
         ReplicaTarget::parse_url(&t.target).map_err(|e| anyhow!("replica {}: {e}", t.target))?;
-    open_replica(&target)
+    Ok((open_replica(&target).await?, restore_concurrency(&target)))
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -365,7 +376,7 @@ async fn replicate(settings: Settings) -> Result<ExitCode> {
     let mut threads = Vec::new();
     for db in &settings.dbs {
         for target in &db.replicas {
-            let replica = open_replica(target)?;
+            let replica = open_replica(target).await?;
             let opts = options(db);
             let (tx, rx) = mpsc::channel();
             controls.push(tx.clone());

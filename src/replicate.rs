@@ -87,8 +87,6 @@ struct Shipping {
     /// Position in the current WAL up to which everything is shipped; `None`
     /// while the WAL is empty (truncated, or not yet written).
     cursor: Option<WalCursor>,
-    /// Salt-1 of the WAL walstream saw truncated, to check the next header.
-    reset_from: Option<u32>,
     last_snapshot_ms: i64,
 }
 
@@ -239,10 +237,9 @@ impl Replicator {
     fn watch(&self, wake: Sender<Control>) -> Option<notify::RecommendedWatcher> {
         use notify::Watcher;
         let wal = self.wal.clone();
-        let db = self.db.clone();
         let handler = move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res {
-                if ev.paths.iter().any(|p| p == &wal || p == &db) {
+                if ev.paths.iter().any(|p| p == &wal) {
                     let _ = wake.send(Control::Wake);
                 }
             }
@@ -294,11 +291,10 @@ impl Replicator {
         let len = file.metadata().io_ctx("stat", &self.wal)?.len();
         let st = self.state.as_mut().expect("started");
         let start = match (header, st.cursor) {
-            (None, Some(c)) => {
+            (None, Some(_)) => {
                 if len < wal::WAL_HEADER_SIZE {
                     // Truncated by a checkpoint while we held a read lock:
                     // everything in it was shipped.
-                    st.reset_from = Some(c.salt1);
                     st.cursor = None;
                 }
                 return Ok(());
@@ -308,26 +304,25 @@ impl Replicator {
                 return self.new_generation("page size of WAL changed");
             }
             (Some(h), Some(c)) if h.salt1 == c.salt1 && h.salt2 == c.salt2 => c,
-            (Some(h), Some(c)) => {
-                if h.salt1 != c.salt1.wrapping_add(1) {
-                    return self.new_generation("WAL was reset more than once between reads");
-                }
+            // The WAL was rewound or truncated and rewritten. While walstream
+            // holds a read transaction that can only happen once between two
+            // ticks, and only after every frame of the old WAL was read: a
+            // rewind needs all readers off the WAL (a reader that started on a
+            // fully checkpointed WAL), and such a reader blocks every
+            // checkpoint of the new frames, so no second rewind can follow.
+            // The new salts are not predictable (a connection that never
+            // restarted the WAL itself picks random ones), so they are not
+            // checked.
+            (Some(h), Some(_)) | (Some(h), None) => {
                 tracing::debug!(db = %self.db.display(), "WAL reset observed");
                 h.start()
             }
-            (Some(h), None) => match st.reset_from {
-                Some(s) if h.salt1 != s.wrapping_add(1) => {
-                    return self.new_generation("WAL was recreated with unrelated salts");
-                }
-                _ => h.start(),
-            },
         };
         let (committed, end) =
             wal::read_committed(&mut file, &start, None).io_ctx("read", &self.wal)?;
         if committed.transactions == 0 {
             if st.cursor != Some(start) {
                 st.cursor = Some(start);
-                st.reset_from = None;
             }
             return Ok(());
         }
@@ -362,7 +357,6 @@ impl Replicator {
         st.cursor = Some(end);
         st.position = header.last_position;
         st.next_index += 1;
-        st.reset_from = None;
         Ok(())
     }
 
@@ -443,7 +437,6 @@ impl Replicator {
             next_index: 0,
             position: 0,
             cursor,
-            reset_from: None,
             last_snapshot_ms: 0,
         });
         self.snapshot()
@@ -506,7 +499,6 @@ impl Replicator {
             next_index,
             position,
             cursor: Some(cursor),
-            reset_from: None,
             last_snapshot_ms: snap_ms,
         }))
     }

@@ -31,6 +31,8 @@ pub struct RestoreOptions {
     pub if_db_not_exists: bool,
     /// Exit quietly if the replica has nothing to restore.
     pub if_replica_exists: bool,
+    /// Segments downloaded ahead of the one being applied (at least 1).
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,8 +135,17 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     let mut db_pages = header.db_pages;
     let mut position = header.position;
     let mut applied = 0u64;
-    let after_snapshot = gen.segments.iter().filter(|(i, _)| *i >= snap_index);
-    for (expected, &(index, _)) in (snap_index..).zip(after_snapshot) {
+    let indexes: Vec<u64> = gen
+        .segments
+        .iter()
+        .map(|&(i, _)| i)
+        .filter(|&i| i >= snap_index)
+        .collect();
+    // Download up to `concurrency` segments ahead; apply strictly in order.
+    let mut pending = std::collections::VecDeque::new();
+    let mut next_fetch = 0usize;
+    let window = opts.concurrency.max(1);
+    for (expected, &index) in (snap_index..).zip(indexes.iter()) {
         if index != expected {
             return Err(Error::Missing {
                 location: replica.location(),
@@ -145,7 +156,16 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
                 ),
             });
         }
-        let seg = replica.get_segment(&gen.id, index).await?;
+        while next_fetch < indexes.len() && pending.len() < window {
+            let (r, g, i) = (replica.clone(), gen.id.clone(), indexes[next_fetch]);
+            pending.push_back(tokio::spawn(async move { r.get_segment(&g, i).await }));
+            next_fetch += 1;
+        }
+        let seg = pending
+            .pop_front()
+            .expect("download scheduled")
+            .await
+            .map_err(|e| Error::Invalid(format!("segment download task failed: {e}")))??;
         let key = layout::segment(&gen.id, index);
         if let Some(t) = target_ms {
             if seg.header.timestamp_ms > t {

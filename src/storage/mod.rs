@@ -15,6 +15,7 @@
 pub mod conformance;
 pub mod file;
 pub mod memory;
+pub mod s3;
 
 use std::fmt;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use async_trait::async_trait;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use s3::S3Storage;
 
 /// An object found by `list`.
 #[derive(Debug, Clone, PartialEq, Eq)]

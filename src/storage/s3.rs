@@ -1,0 +1,342 @@
+//! The S3 backend: AWS S3 and S3-compatible services (MinIO, R2, B2, ...).
+//!
+//! Requests go through aws-sdk-s3 with its standard retry strategy
+//! (exponential backoff with jitter on throttling, 5xx, timeouts and dropped
+//! connections). Request checksums are only sent when an operation requires
+//! them: the SDK's default aws-chunked trailing checksums break uploads on
+//! several S3-compatible services; walstream's own SHA-256 covers every object
+//! end to end instead. Objects larger than the multipart threshold go up in
+//! parts. Every request is counted by kind, because on S3 requests are what
+//! users pay for.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
+};
+use aws_sdk_s3::Client;
+
+use super::{ObjectMeta, Storage, StorageError};
+use crate::config::S3Target;
+
+/// Requests made, by kind.
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    pub put: AtomicU64,
+    pub get: AtomicU64,
+    pub list: AtomicU64,
+    pub delete: AtomicU64,
+}
+
+impl RequestCounts {
+    /// (put, get, list, delete)
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (
+            self.put.load(Ordering::Relaxed),
+            self.get.load(Ordering::Relaxed),
+            self.list.load(Ordering::Relaxed),
+            self.delete.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Objects above this size are uploaded in parts of `part_size`.
+pub const DEFAULT_PART_SIZE: usize = 8 << 20;
+
+#[derive(Clone)]
+pub struct S3Storage {
+    client: Client,
+    bucket: String,
+    /// Key prefix, empty or ending in `/`.
+    prefix: String,
+    location: String,
+    part_size: usize,
+    sse: Option<ServerSideEncryption>,
+    sse_kms_key_id: Option<String>,
+    storage_class: Option<StorageClass>,
+    counts: Arc<RequestCounts>,
+}
+
+impl std::fmt::Debug for S3Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Storage")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+impl S3Storage {
+    /// Builds a client for `target`. Credentials come from the target when
+    /// given, else from the standard AWS chain (environment, profile, web
+    /// identity, container and instance metadata).
+    pub async fn new(target: &S3Target) -> S3Storage {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
+        if let (Some(ak), Some(sk)) = (&target.access_key_id, &target.secret_access_key) {
+            loader = loader.credentials_provider(Credentials::new(
+                ak.clone(),
+                sk.clone(),
+                None,
+                None,
+                "walstream-config",
+            ));
+        }
+        if let Some(r) = &target.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        let sdk = loader.load().await;
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(target.force_path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(
+                aws_sdk_s3::config::retry::RetryConfig::standard()
+                    .with_max_attempts(4)
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(5)),
+            )
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .read_timeout(Duration::from_secs(60))
+                    .build(),
+            );
+        if sdk.region().is_none() {
+            b = b.region(Region::new("us-east-1"));
+        }
+        if let Some(ep) = &target.endpoint {
+            b = b.endpoint_url(ep.clone());
+        }
+        let prefix = if target.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", target.prefix.trim_matches('/'))
+        };
+        S3Storage {
+            client: Client::from_conf(b.build()),
+            bucket: target.bucket.clone(),
+            location: format!("s3://{}/{}", target.bucket, prefix),
+            prefix,
+            part_size: target.part_size.unwrap_or(DEFAULT_PART_SIZE).max(5 << 20),
+            sse: target.sse.as_deref().map(ServerSideEncryption::from),
+            sse_kms_key_id: target.sse_kms_key_id.clone(),
+            storage_class: target.storage_class.as_deref().map(StorageClass::from),
+            counts: Arc::new(RequestCounts::default()),
+        }
+    }
+
+    pub fn counts(&self) -> Arc<RequestCounts> {
+        self.counts.clone()
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let message = match e.as_service_error() {
+            Some(se) => format!(
+                "{}: {}",
+                se.code().unwrap_or("error"),
+                se.message().unwrap_or("request failed")
+            ),
+            None => DisplayErrorContext(&e).to_string(),
+        };
+        StorageError::Backend {
+            op,
+            location: self.location.clone(),
+            key: key.to_string(),
+            message: message.replace('\n', " "),
+        }
+    }
+
+    async fn put_multipart(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
+        let full = self.key(key);
+        self.counts.put.fetch_add(1, Ordering::Relaxed);
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone())
+            .set_storage_class(self.storage_class.clone());
+        create = create.content_type("application/octet-stream");
+        let upload = create.send().await.map_err(|e| self.err("put", key, e))?;
+        let upload_id = upload.upload_id().unwrap_or_default().to_string();
+        let result = async {
+            let mut parts = Vec::new();
+            for (i, chunk) in data.chunks(self.part_size).enumerate() {
+                let n = i as i32 + 1;
+                self.counts.put.fetch_add(1, Ordering::Relaxed);
+                let out = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .part_number(n)
+                    .body(ByteStream::from(chunk.to_vec()))
+                    .send()
+                    .await
+                    .map_err(|e| self.err("put part of", key, e))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .build(),
+                );
+            }
+            self.counts.put.fetch_add(1, Ordering::Relaxed);
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| self.err("complete upload of", key, e))?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            self.counts.delete.fetch_add(1, Ordering::Relaxed);
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
+        if data.len() > self.part_size {
+            return self.put_multipart(key, data).await;
+        }
+        self.counts.put.fetch_add(1, Ordering::Relaxed);
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone())
+            .set_storage_class(self.storage_class.clone())
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| self.err("put", key, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+        self.counts.get.fetch_add(1, Ordering::Relaxed);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+            .map_err(|e| {
+                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404);
+                if missing {
+                    StorageError::NotFound {
+                        location: self.location.clone(),
+                        key: key.to_string(),
+                    }
+                } else {
+                    self.err("get", key, e)
+                }
+            })?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::Backend {
+                op: "get",
+                location: self.location.clone(),
+                key: key.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(body.into_bytes().to_vec())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let full = self.key(prefix);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.counts.list.fetch_add(1, Ordering::Relaxed);
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| self.err("list", prefix, e))?;
+            for obj in page.contents() {
+                let Some(k) = obj.key() else { continue };
+                let Some(rel) = k.strip_prefix(&self.prefix) else {
+                    continue;
+                };
+                out.push(ObjectMeta {
+                    key: rel.to_string(),
+                    size: obj.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.counts.delete.fetch_add(1, Ordering::Relaxed);
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+            .map_err(|e| self.err("delete", key, e))?;
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+}

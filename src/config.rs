@@ -195,6 +195,8 @@ pub struct S3Target {
     pub part_size: Option<usize>,
     /// Parallel downloads during restore.
     pub concurrency: Option<usize>,
+    /// Minimum time between two uploads (Litestream's `sync-interval`).
+    pub sync_interval: Option<Duration>,
 }
 
 impl S3Target {
@@ -213,6 +215,7 @@ impl S3Target {
             storage_class: None,
             part_size: None,
             concurrency: None,
+            sync_interval: None,
         }
     }
 }
@@ -266,6 +269,7 @@ impl ReplicaTarget {
                     "region" => t.region = Some(v.to_string()),
                     "forcePathStyle" | "force-path-style" => t.force_path_style = v == "true",
                     "skipVerify" | "skip-verify" => t.skip_verify = v == "true",
+                    "syncInterval" | "sync-interval" => t.sync_interval = Some(parse_duration(v)?),
                     other => return Err(format!("unknown S3 URL parameter {other:?}")),
                 }
             }
@@ -504,6 +508,26 @@ impl Config {
             if let Some(v) = r.skip_verify {
                 s.skip_verify = v;
             }
+            if let Some(sse) = &r.sse {
+                if sse != "AES256" && sse != "aws:kms" {
+                    return Err(format!("unsupported sse {sse:?} (use AES256 or aws:kms)"));
+                }
+                s.sse = Some(sse.clone());
+            }
+            s.sse_kms_key_id = r.sse_kms_key_id.clone();
+            s.storage_class = r.storage_class.clone();
+            if let Some(p) = r.part_size {
+                if p < 5 << 20 {
+                    return Err(format!("part-size {p} is below the S3 minimum of 5 MiB"));
+                }
+                s.part_size = Some(p as usize);
+            }
+            if let Some(c) = r.concurrency {
+                s.concurrency = Some(c.max(1) as usize);
+            }
+            if r.sync_interval.is_some() {
+                s.sync_interval = r.sync_interval;
+            }
             s.access_key_id = r
                 .access_key_id
                 .clone()
@@ -551,6 +575,21 @@ mod tests {
             }
         );
         assert_eq!(s.dbs[1].snapshot_interval, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn s3_options() {
+        let s = parse("dbs:\n  - path: a.db\n    replica:\n      type: s3\n      bucket: b\n      sse: aws:kms\n      sse-kms-key-id: k1\n      storage-class: STANDARD_IA\n      part-size: 10485760\n      concurrency: 3\n      sync-interval: 250ms\n").unwrap();
+        let ReplicaTarget::S3(t) = &s.dbs[0].replicas[0] else {
+            panic!()
+        };
+        assert_eq!(t.sse.as_deref(), Some("aws:kms"));
+        assert_eq!(t.sse_kms_key_id.as_deref(), Some("k1"));
+        assert_eq!(t.storage_class.as_deref(), Some("STANDARD_IA"));
+        assert_eq!((t.part_size, t.concurrency), (Some(10 << 20), Some(3)));
+        assert_eq!(t.sync_interval, Some(Duration::from_millis(250)));
+        let e = parse("dbs:\n  - path: a.db\n    replica:\n      type: s3\n      bucket: b\n      sse: rot13\n").unwrap_err();
+        assert!(e.to_string().contains("rot13"));
     }
 
     #[test]

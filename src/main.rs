@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
@@ -355,8 +356,14 @@ fn replicate_settings(
     }
 }
 
-fn options(db: &DbSettings) -> ReplicateOptions {
+fn options(db: &DbSettings, target: &ReplicaTarget) -> ReplicateOptions {
+    let sync_interval = match target {
+        // Uploads cost money on S3: batch for up to a second by default.
+        ReplicaTarget::S3(s3) => s3.sync_interval.unwrap_or(Duration::from_secs(1)),
+        ReplicaTarget::File { .. } => Duration::ZERO,
+    };
     ReplicateOptions {
+        sync_interval,
         db: db.path.clone(),
         monitor_interval: db.monitor_interval,
         checkpoint_interval: db.checkpoint_interval,
@@ -377,7 +384,7 @@ async fn replicate(settings: Settings) -> Result<ExitCode> {
     for db in &settings.dbs {
         for target in &db.replicas {
             let replica = open_replica(target).await?;
-            let opts = options(db);
+            let opts = options(db, target);
             let (tx, rx) = mpsc::channel();
             controls.push(tx.clone());
             let done = done_tx.clone();

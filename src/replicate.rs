@@ -53,6 +53,10 @@ pub struct ReplicateOptions {
     pub max_checkpoint_page_count: u64,
     pub snapshot_interval: Duration,
     pub busy_timeout: Duration,
+    /// Minimum time between two uploads. The first commit after a quiet
+    /// period ships at once; under steady load uploads are spaced by this, so
+    /// request counts stay bounded (at most 3600 PUTs an hour at 1s).
+    pub sync_interval: Duration,
 }
 
 impl ReplicateOptions {
@@ -65,6 +69,7 @@ impl ReplicateOptions {
             max_checkpoint_page_count: 10_000,
             snapshot_interval: Duration::from_secs(24 * 3600),
             busy_timeout: Duration::from_secs(5),
+            sync_interval: Duration::ZERO,
         }
     }
 }
@@ -102,6 +107,7 @@ pub struct Replicator {
     page_size: u32,
     state: Option<Shipping>,
     checkpointer: Checkpointer,
+    last_upload: Option<Instant>,
 }
 
 impl Replicator {
@@ -161,6 +167,7 @@ impl Replicator {
             page_size,
             state: None,
             checkpointer,
+            last_upload: None,
         }))
     }
 
@@ -204,6 +211,17 @@ impl Replicator {
             // Coalesce the burst of notifications one commit produces.
             while let Ok(m) = control.try_recv() {
                 shutdown |= m == Control::Shutdown;
+            }
+            // Space uploads by sync-interval (but never delay a shutdown).
+            if !shutdown {
+                if let Some(wait) = self
+                    .last_upload
+                    .map(|t| self.opts.sync_interval.saturating_sub(t.elapsed()))
+                    .filter(|w| !w.is_zero())
+                {
+                    timeout = wait;
+                    continue;
+                }
             }
             match self.tick() {
                 Ok(()) => {
@@ -339,6 +357,7 @@ impl Replicator {
             wal: WalPoint::from_cursor(&end),
         };
         let started = Instant::now();
+        self.last_upload = Some(started);
         let bytes = self
             .rt
             .block_on(self.replica.put_segment(&header, &committed.pages))?;

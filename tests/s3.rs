@@ -220,6 +220,9 @@ fn replicate_and_restore_through_s3() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let cfg = config(dir.path(), &db, server.addr, "prod/app", SK);
+    // Ship each commit at once, so the point-in-time marks below are exact.
+    let text = std::fs::read_to_string(&cfg).unwrap() + "        sync-interval: 0s\n";
+    std::fs::write(&cfg, text).unwrap();
     let mut c = app(&db);
     create_items(&c);
     let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
@@ -254,7 +257,13 @@ fn replicate_and_restore_through_s3() {
     let ts = mark.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let o = restore_cfg(&cfg, &db, &pit, &["--timestamp", &ts]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(dump(&pit) == rows_at_mark, "point-in-time content differs");
+    let got = dump(&pit);
+    assert!(
+        got == rows_at_mark,
+        "point-in-time content differs: {} rows vs {} at mark",
+        got.len(),
+        rows_at_mark.len()
+    );
 
     // Restart: resumes the generation and snapshots the 12 MB database with
     // a multipart upload only when a new generation starts.
@@ -349,6 +358,38 @@ fn flaky_storage_and_outage_lose_nothing() {
     );
     let out = dir.path().join("restored.db");
     let o = restore_cfg(&direct, &db, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&db, &out);
+}
+
+#[test]
+fn steady_load_is_batched_by_sync_interval() {
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let cfg = config(dir.path(), &db, server.addr, "batched", SK);
+    let text = std::fs::read_to_string(&cfg).unwrap() + "        sync-interval: 500ms\n";
+    std::fs::write(&cfg, text).unwrap();
+    let mut c = app(&db);
+    create_items(&c);
+    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    let mut rng = Rng::new(24);
+    let started = std::time::Instant::now();
+    let mut commits = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        random_txn(&mut c, &mut rng);
+        commits += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = w.stop();
+    let segments = log.matches("shipped segment").count();
+    // 2 s at one upload per 500 ms, plus the first and the final one.
+    assert!(
+        commits > 50 && segments <= 7,
+        "{commits} commits went up as {segments} segments"
+    );
+    let out = dir.path().join("restored.db");
+    let o = restore_cfg(&cfg, &db, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_same(&db, &out);
 }

@@ -146,14 +146,21 @@ pub fn checkpoint(conn: &Connection, db: &Path, mode: &str) -> Result<Checkpoint
     .db_ctx(db)
 }
 
-/// Builds the database image as of `cursor` (or of the database file alone
-/// when there is no WAL), page for page: WAL frames up to the cursor override
-/// the database file. The caller must hold a read transaction whose snapshot
-/// is at or before `cursor`, so the checkpointer cannot change any page read
-/// from the database file.
-pub fn read_image(db: &Path, page_size: u32, cursor: Option<&WalCursor>) -> Result<(Vec<u8>, u32)> {
-    let ps = page_size as u64;
-    let (pages, wal_db_pages) = match cursor {
+/// What a snapshot image consists of: the database size and the WAL pages
+/// that override the database file (bounded by the WAL, not the database).
+pub struct ImagePlan {
+    pub db_pages: u32,
+    page_size: u32,
+    wal_pages: std::collections::BTreeMap<u32, Vec<u8>>,
+}
+
+/// Plans the database image as of `cursor` (or of the database file alone
+/// when there is no WAL): WAL frames up to the cursor override the database
+/// file. The caller must hold a read transaction whose snapshot is at or
+/// before `cursor`, so the checkpointer cannot change any page that will be
+/// read from the database file.
+pub fn image_plan(db: &Path, page_size: u32, cursor: Option<&WalCursor>) -> Result<ImagePlan> {
+    let (wal_pages, wal_db_pages) = match cursor {
         Some(c) if c.offset > wal::WAL_HEADER_SIZE => {
             let wal_path = wal_path(db);
             let mut f = File::open(&wal_path).io_ctx("open", &wal_path)?;
@@ -176,25 +183,44 @@ pub fn read_image(db: &Path, page_size: u32, cursor: Option<&WalCursor>) -> Resu
         }
         _ => (Default::default(), None),
     };
-    let mut file = File::open(db).io_ctx("open", db)?;
-    let file_len = file.metadata().io_ctx("stat", db)?.len();
     let db_pages = match wal_db_pages {
         Some(n) => n,
-        None => header_db_pages(&mut file, page_size, file_len).io_ctx("read", db)?,
-    };
-    let size = db_pages as u64 * ps;
-    let mut image = vec![0u8; size as usize];
-    file.seek(SeekFrom::Start(0)).io_ctx("read", db)?;
-    let from_file = size.min(file_len) as usize;
-    file.read_exact(&mut image[..from_file])
-        .io_ctx("read", db)?;
-    for (pgno, page) in pages {
-        if pgno <= db_pages {
-            let at = (pgno as u64 - 1) as usize * ps as usize;
-            image[at..at + ps as usize].copy_from_slice(&page);
+        None => {
+            let mut file = File::open(db).io_ctx("open", db)?;
+            let len = file.metadata().io_ctx("stat", db)?.len();
+            header_db_pages(&mut file, page_size, len).io_ctx("read", db)?
         }
+    };
+    Ok(ImagePlan {
+        db_pages,
+        page_size,
+        wal_pages,
+    })
+}
+
+impl ImagePlan {
+    /// Streams the image, page by page, into `out`.
+    pub fn write_to(&self, db: &Path, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let ps = self.page_size as usize;
+        let file = File::open(db)?;
+        let len = file.metadata()?.len();
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut page = vec![0u8; ps];
+        for pgno in 1..=self.db_pages {
+            let at = (pgno as u64 - 1) * ps as u64;
+            // Keep the reader in step even for pages taken from the WAL.
+            page.fill(0);
+            if at < len {
+                let n = (len - at).min(ps as u64) as usize;
+                reader.read_exact(&mut page[..n])?;
+            }
+            match self.wal_pages.get(&pgno) {
+                Some(p) => out.write_all(p)?,
+                None => out.write_all(&page)?,
+            }
+        }
+        Ok(())
     }
-    Ok((image, db_pages))
 }
 
 /// Database size in pages from the file header when it is valid, else from

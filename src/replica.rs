@@ -3,6 +3,7 @@
 //! this module turns them into object keys and verified bytes.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -101,12 +102,43 @@ impl Replica {
         Ok(len)
     }
 
-    pub async fn put_snapshot(&self, header: &SnapshotHeader, image: &[u8]) -> Result<u64> {
-        let data = snapshot::encode(header, image);
-        let len = data.len() as u64;
+    /// Uploads a snapshot object already written to `path`.
+    pub async fn put_snapshot_file(&self, header: &SnapshotHeader, path: &Path) -> Result<u64> {
         let key = layout::snapshot(&header.generation, header.index, header.timestamp_ms);
-        self.storage.put(&key, data).await?;
-        Ok(len)
+        self.storage.put_file(&key, path).await?;
+        Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+    }
+
+    /// Downloads a snapshot into `dest` and verifies it; returns its header
+    /// and a reader of the image.
+    pub async fn get_snapshot_file(
+        &self,
+        generation: &str,
+        index: u64,
+        timestamp_ms: i64,
+        dest: &Path,
+    ) -> Result<(SnapshotHeader, Box<dyn std::io::Read>)> {
+        let key = layout::snapshot(generation, index, timestamp_ms);
+        match self.storage.get_file(&key, dest).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {
+                return Err(Error::Missing {
+                    location: self.location(),
+                    key,
+                    message: "listed but not found".into(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let (header, image) = snapshot::open_file(dest).map_err(|source| Error::Corrupt {
+            location: self.location(),
+            key: key.clone(),
+            source,
+        })?;
+        if header.generation != generation || header.index != index {
+            return Err(self.bad(&key, "header does not match its key"));
+        }
+        Ok((header, image))
     }
 
     /// Downloads and verifies a segment, checking it is the one its key names.
@@ -122,26 +154,6 @@ impl Replica {
             return Err(self.bad(&key, "header does not match its key"));
         }
         Ok(seg)
-    }
-
-    /// Downloads and verifies a snapshot; returns its header and image.
-    pub async fn get_snapshot(
-        &self,
-        generation: &str,
-        index: u64,
-        timestamp_ms: i64,
-    ) -> Result<(SnapshotHeader, Vec<u8>)> {
-        let key = layout::snapshot(generation, index, timestamp_ms);
-        let data = self.get(&key).await?;
-        let (header, image) = snapshot::decode(&data).map_err(|source| Error::Corrupt {
-            location: self.location(),
-            key: key.clone(),
-            source,
-        })?;
-        if header.generation != generation || header.index != index {
-            return Err(self.bad(&key, "header does not match its key"));
-        }
-        Ok((header, image))
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>> {

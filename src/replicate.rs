@@ -39,7 +39,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::generation::{self, Manifest};
 use crate::replica::Replica;
 use crate::segment::{SegmentHeader, WalPoint};
-use crate::snapshot::SnapshotHeader;
+use crate::snapshot::{self, SnapshotHeader};
 use crate::wal::{self, WalCursor};
 
 /// Tunables of one replicated database.
@@ -398,27 +398,35 @@ impl Replicator {
         Ok(())
     }
 
-    /// Takes a snapshot at the shipped position.
+    /// Takes a snapshot at the shipped position. The object is streamed
+    /// through a temporary file (in `TMPDIR`), so memory use does not grow
+    /// with the database.
     fn snapshot(&mut self) -> Result<()> {
         let st = self.state.as_ref().expect("started").clone();
-        let (image, db_pages) = db::read_image(&self.db, self.page_size, st.cursor.as_ref())?;
+        let plan = db::image_plan(&self.db, self.page_size, st.cursor.as_ref())?;
         let header = SnapshotHeader {
             generation: st.generation.clone(),
             index: st.next_index,
             position: st.position,
             page_size: self.page_size,
-            db_pages,
+            db_pages: plan.db_pages,
             timestamp_ms: Utc::now().timestamp_millis(),
             wal: st.cursor.as_ref().map(WalPoint::from_cursor),
         };
+        let tmp = tempfile::Builder::new()
+            .prefix(".walstream-snapshot-")
+            .tempfile()
+            .io_ctx("create temporary file for", &self.db)?;
+        snapshot::write_file(&header, tmp.path(), |w| plan.write_to(&self.db, w))
+            .io_ctx("write snapshot of", &self.db)?;
         let bytes = self
             .rt
-            .block_on(self.replica.put_snapshot(&header, &image))?;
+            .block_on(self.replica.put_snapshot_file(&header, tmp.path()))?;
         tracing::info!(
             db = %self.db.display(),
             generation = %header.generation,
             index = header.index,
-            db_pages,
+            db_pages = header.db_pages,
             bytes,
             "stored snapshot"
         );
@@ -485,9 +493,14 @@ impl Replicator {
                 )
             }
             None => {
-                let (h, _) = self
-                    .rt
-                    .block_on(self.replica.get_snapshot(&g.id, snap_index, snap_ms))?;
+                let tmp =
+                    tempfile::NamedTempFile::new().io_ctx("create temporary file for", &self.db)?;
+                let (h, _) = self.rt.block_on(self.replica.get_snapshot_file(
+                    &g.id,
+                    snap_index,
+                    snap_ms,
+                    tmp.path(),
+                ))?;
                 (h.wal, h.page_size, h.position, snap_index)
             }
         };

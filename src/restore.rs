@@ -12,6 +12,7 @@
 //! holds either nothing or a complete database.
 
 use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -123,15 +124,41 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         armed: true,
     };
 
-    let (header, image) = replica.get_snapshot(&gen.id, snap_index, snap_ms).await?;
+    // The snapshot is downloaded beside the output and streamed into it.
+    let download = TempGuard {
+        path: dir.join(format!(".{name}.walstream-snapshot.{}", std::process::id())),
+        armed: true,
+    };
+    let (header, mut image) = replica
+        .get_snapshot_file(&gen.id, snap_index, snap_ms, &download.path)
+        .await?;
     let ps = header.page_size as u64;
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
         .io_ctx("create", &tmp)?;
-    file.write_all_at(&image, 0).io_ctx("write", &tmp)?;
+    let written = {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+        let n = std::io::copy(&mut image, &mut w).map_err(|e| Error::Corrupt {
+            location: replica.location(),
+            key: layout::snapshot(&gen.id, snap_index, snap_ms),
+            source: crate::format::FormatError::Body(e.to_string()),
+        })?;
+        w.flush().io_ctx("write", &tmp)?;
+        n
+    };
     drop(image);
+    drop(download);
+    if written != header.db_pages as u64 * ps {
+        return Err(replica.bad(
+            &layout::snapshot(&gen.id, snap_index, snap_ms),
+            &format!(
+                "image is {written} bytes, expected {} pages",
+                header.db_pages
+            ),
+        ));
+    }
     let mut db_pages = header.db_pages;
     let mut position = header.position;
     let mut applied = 0u64;

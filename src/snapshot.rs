@@ -34,22 +34,24 @@ pub struct SnapshotHeader {
     pub wal: Option<WalPoint>,
 }
 
-/// Encodes a snapshot whose body is the raw database image.
-pub fn encode(header: &SnapshotHeader, image: &[u8]) -> Vec<u8> {
-    format::encode(MAGIC, header, image)
+/// Streams a snapshot object into the file at `path`; `image` writes the
+/// database image.
+pub fn write_file(
+    header: &SnapshotHeader,
+    path: &std::path::Path,
+    image: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let out = format::file_writer(path)?;
+    let out = format::encode_to(MAGIC, header, out, image)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()
 }
 
-/// Decodes and fully verifies a snapshot, returning the database image.
-pub fn decode(data: &[u8]) -> Result<(SnapshotHeader, Vec<u8>), FormatError> {
-    let (header, body): (SnapshotHeader, Vec<u8>) = format::decode(MAGIC, "snapshot", data)?;
-    let expected = header.db_pages as u64 * header.page_size as u64;
-    if body.len() as u64 != expected {
-        return Err(FormatError::Body(format!(
-            "image is {} bytes, expected {expected}",
-            body.len()
-        )));
-    }
-    Ok((header, body))
+/// Verifies a snapshot object stored in a file and returns its header and a
+/// reader of the database image.
+pub fn open_file(
+    path: &std::path::Path,
+) -> Result<(SnapshotHeader, Box<dyn std::io::Read>), FormatError> {
+    format::decode_file(MAGIC, "snapshot", path)
 }
 
 /// Reads only the header, without verifying the checksum.

@@ -64,6 +64,30 @@ pub async fn run(s: &dyn Storage) {
     }
     assert!(s.list("").await.unwrap().is_empty());
 
+    // Files in and out, larger than one S3 multipart part.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let src = dir.path().join("src");
+    let big: Vec<u8> = (0..(12u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(&src, &big).unwrap();
+    s.put_file("files/big", &src).await.unwrap();
+    let dest = dir.path().join("dest");
+    assert_eq!(
+        s.get_file("files/big", &dest).await.unwrap(),
+        big.len() as u64
+    );
+    assert!(
+        std::fs::read(&dest).unwrap() == big,
+        "get_file content differs"
+    );
+    assert!(s
+        .get_file("files/missing", &dir.path().join("m"))
+        .await
+        .unwrap_err()
+        .is_not_found());
+    s.delete("files/big").await.unwrap();
+
     // Many keys (more than one S3 list page).
     for i in 0..1100 {
         s.put(&format!("many/{i:05}"), vec![1]).await.unwrap();

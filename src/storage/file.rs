@@ -59,14 +59,24 @@ impl FileStorage {
     }
 }
 
-fn put_blocking(path: &Path, data: &[u8]) -> std::io::Result<()> {
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
+}
+
+fn put_blocking(path: &Path, data: Source<'_>) -> std::io::Result<()> {
     let dir = path.parent().expect("object path has a parent");
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().unwrap().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp.{:08x}", rand::random::<u32>()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
+        match data {
+            Source::Bytes(b) => f.write_all(b)?,
+            Source::File(src) => {
+                std::io::copy(&mut std::fs::File::open(src)?, &mut f)?;
+            }
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(dir)?.sync_all()
@@ -141,7 +151,7 @@ fn list_blocking(root: &Path, prefix: &str) -> std::io::Result<Vec<ObjectMeta>> 
 impl Storage for FileStorage {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
         let path = self.path(key)?;
-        tokio::task::spawn_blocking(move || put_blocking(&path, &data))
+        tokio::task::spawn_blocking(move || put_blocking(&path, Source::Bytes(&data)))
             .await
             .expect("put task")
             .map_err(|e| self.io("put", key, e))
@@ -174,5 +184,21 @@ impl Storage for FileStorage {
 
     fn location(&self) -> String {
         format!("file://{}", self.root.display())
+    }
+
+    async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError> {
+        let path = self.path(key)?;
+        let src = src.to_path_buf();
+        tokio::task::spawn_blocking(move || put_blocking(&path, Source::File(&src)))
+            .await
+            .expect("put task")
+            .map_err(|e| self.io("put", key, e))
+    }
+
+    async fn get_file(&self, key: &str, dest: &Path) -> Result<u64, StorageError> {
+        let path = self.path(key)?;
+        tokio::fs::copy(&path, dest)
+            .await
+            .map_err(|e| self.io("get", key, e))
     }
 }

@@ -18,6 +18,7 @@ pub mod memory;
 pub mod s3;
 
 use std::fmt;
+use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -74,6 +75,34 @@ pub trait Storage: Send + Sync + fmt::Debug {
     async fn delete(&self, key: &str) -> Result<(), StorageError>;
     /// Where this storage is, for messages (never includes credentials).
     fn location(&self) -> String;
+
+    /// Stores the file at `path` under `key`. Backends that can, stream it, so
+    /// objects of any size (snapshots of large databases) need bounded memory.
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        let data = tokio::fs::read(path)
+            .await
+            .map_err(|source| StorageError::Io {
+                op: "read upload source for",
+                location: self.location(),
+                key: key.to_string(),
+                source,
+            })?;
+        self.put(key, data).await
+    }
+
+    /// Downloads an object into a new file at `path`, returning its size.
+    async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
+        let data = self.get(key).await?;
+        tokio::fs::write(path, &data)
+            .await
+            .map_err(|source| StorageError::Io {
+                op: "write download of",
+                location: self.location(),
+                key: key.to_string(),
+                source,
+            })?;
+        Ok(data.len() as u64)
+    }
 }
 
 pub type DynStorage = Arc<dyn Storage>;

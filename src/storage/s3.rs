@@ -9,6 +9,8 @@
 //! parts. Every request is counted by kind, because on S3 requests are what
 //! users pay for.
 
+use std::io::Read;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +28,17 @@ use aws_sdk_s3::Client;
 
 use super::{ObjectMeta, Storage, StorageError};
 use crate::config::S3Target;
+
+/// Lets `get_err` read the HTTP status of a raw response.
+trait HasStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
 
 /// Requests made, by kind.
 #[derive(Debug, Default)]
@@ -141,6 +154,23 @@ impl S3Storage {
         self.counts.clone()
     }
 
+    fn get_err<R: std::fmt::Debug + HasStatus>(
+        &self,
+        key: &str,
+        e: SdkError<aws_sdk_s3::operation::get_object::GetObjectError, R>,
+    ) -> StorageError {
+        let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
+            || e.raw_response().is_some_and(|r| r.status_code() == 404);
+        if missing {
+            StorageError::NotFound {
+                location: self.location.clone(),
+                key: key.to_string(),
+            }
+        } else {
+            self.err("get", key, e)
+        }
+    }
+
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
@@ -166,7 +196,22 @@ impl S3Storage {
         }
     }
 
+    /// Multipart upload of `size` bytes read part by part from `next_part`,
+    /// so memory stays at one part whatever the object size.
     async fn put_multipart(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
+        let mut chunks = data
+            .chunks(self.part_size)
+            .map(|c| c.to_vec())
+            .collect::<Vec<_>>()
+            .into_iter();
+        self.put_parts(key, move || Ok(chunks.next())).await
+    }
+
+    async fn put_parts(
+        &self,
+        key: &str,
+        mut next_part: impl FnMut() -> std::io::Result<Option<Vec<u8>>> + Send,
+    ) -> Result<(), StorageError> {
         let full = self.key(key);
         self.counts.put.fetch_add(1, Ordering::Relaxed);
         let mut create = self
@@ -182,8 +227,14 @@ impl S3Storage {
         let upload_id = upload.upload_id().unwrap_or_default().to_string();
         let result = async {
             let mut parts = Vec::new();
-            for (i, chunk) in data.chunks(self.part_size).enumerate() {
-                let n = i as i32 + 1;
+            let mut n = 0i32;
+            while let Some(chunk) = next_part().map_err(|e| StorageError::Io {
+                op: "read upload source for",
+                location: self.location.clone(),
+                key: key.to_string(),
+                source: e,
+            })? {
+                n += 1;
                 self.counts.put.fetch_add(1, Ordering::Relaxed);
                 let out = self
                     .client
@@ -192,7 +243,7 @@ impl S3Storage {
                     .key(&full)
                     .upload_id(&upload_id)
                     .part_number(n)
-                    .body(ByteStream::from(chunk.to_vec()))
+                    .body(ByteStream::from(chunk))
                     .send()
                     .await
                     .map_err(|e| self.err("put part of", key, e))?;
@@ -265,18 +316,7 @@ impl Storage for S3Storage {
             .key(self.key(key))
             .send()
             .await
-            .map_err(|e| {
-                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404);
-                if missing {
-                    StorageError::NotFound {
-                        location: self.location.clone(),
-                        key: key.to_string(),
-                    }
-                } else {
-                    self.err("get", key, e)
-                }
-            })?;
+            .map_err(|e| self.get_err(key, e))?;
         let body = out
             .body
             .collect()
@@ -338,5 +378,50 @@ impl Storage for S3Storage {
 
     fn location(&self) -> String {
         self.location.clone()
+    }
+
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        let io = |source| StorageError::Io {
+            op: "read upload source for",
+            location: self.location.clone(),
+            key: key.to_string(),
+            source,
+        };
+        let size = std::fs::metadata(path).map_err(io)?.len();
+        if size <= self.part_size as u64 {
+            let data = std::fs::read(path).map_err(io)?;
+            return self.put(key, data).await;
+        }
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let part_size = self.part_size;
+        self.put_parts(key, move || {
+            let mut buf = Vec::with_capacity(part_size);
+            (&mut file).take(part_size as u64).read_to_end(&mut buf)?;
+            Ok((!buf.is_empty()).then_some(buf))
+        })
+        .await
+    }
+
+    async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
+        self.counts.get.fetch_add(1, Ordering::Relaxed);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+            .map_err(|e| self.get_err(key, e))?;
+        let io = |source| StorageError::Io {
+            op: "download",
+            location: self.location.clone(),
+            key: key.to_string(),
+            source,
+        };
+        let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+        let mut body = out.body.into_async_read();
+        let n = tokio::io::copy(&mut body, &mut file).await.map_err(io)?;
+        file.sync_all().await.map_err(io)?;
+        Ok(n)
     }
 }

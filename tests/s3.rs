@@ -265,8 +265,29 @@ fn replicate_and_restore_through_s3() {
         rows_at_mark.len()
     );
 
-    // Restart: resumes the generation and snapshots the 12 MB database with
-    // a multipart upload only when a new generation starts.
+    // A change while walstream is down forces a new generation on restart,
+    // whose 12 MB snapshot streams up as a multipart upload.
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    random_txn(&mut c, &mut rng);
+    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    random_txn(&mut c, &mut rng);
+    let log = w.stop();
+    assert!(log.contains("starting new generation"), "{log}");
+    let snap_line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("stored snapshot"))
+        .unwrap()
+        .to_string();
+    let out = dir.path().join("restored2.db");
+    let o = restore_cfg(&cfg, &db, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(&db, &out);
+    assert!(
+        snap_line.contains("bytes=1"),
+        "snapshot should be large: {snap_line}"
+    );
     let url = format!(
         "s3://{BUCKET}/prod/app?endpoint=http://{}&region=us-east-1&forcePathStyle=true",
         server.addr
@@ -280,7 +301,7 @@ fn replicate_and_restore_through_s3() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let listing = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(listing.lines().count(), 2, "{listing}");
+    assert_eq!(listing.lines().count(), 3, "{listing}");
 }
 
 #[test]

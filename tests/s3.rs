@@ -14,55 +14,7 @@ use common::*;
 use walstream::config::S3Target;
 use walstream::storage::{S3Storage, Storage};
 
-const AK: &str = "walstream-test-key";
-const SK: &str = "walstream-test-secret";
-const BUCKET: &str = "walstream-bucket";
-
-/// An s3s-fs server on its own thread and runtime.
-struct S3Server {
-    addr: SocketAddr,
-    _root: tempfile::TempDir,
-}
-
-impl S3Server {
-    fn start() -> S3Server {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
-        let path = root.path().to_path_buf();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let fs = s3s_fs::FileSystem::new(&path).unwrap();
-                let mut b = s3s::service::S3ServiceBuilder::new(fs);
-                b.set_auth(s3s::auth::SimpleAuth::from_single(AK, SK));
-                let service = b.build();
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                let http = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                );
-                loop {
-                    let (socket, _) = listener.accept().await.unwrap();
-                    let conn = http
-                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone());
-                    let conn = conn.into_owned();
-                    tokio::spawn(async move {
-                        let _ = conn.await;
-                    });
-                }
-            });
-        });
-        S3Server {
-            addr: rx.recv().unwrap(),
-            _root: root,
-        }
-    }
-}
+use common::s3server::{S3Server, AK, BUCKET, SK};
 
 /// Proxy modes.
 const PASS: u32 = 0;

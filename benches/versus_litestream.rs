@@ -231,8 +231,12 @@ fn steady(b: &Bench, tool: Tool, target: &Target, rate: u64, tag: &str) -> Stead
         })
     };
     let written0 = self_written();
-    b.s3.counts.reset();
     let cpu0 = cpu_secs(child.id());
+    // First half: no probes, so storage requests are the daemon's alone.
+    b.s3.counts.reset();
+    let quiet = Instant::now();
+    std::thread::sleep(Duration::from_secs(b.secs / 2));
+    let requests_per_hour = b.s3.counts.total() as f64 / quiet.elapsed().as_secs_f64() * 3600.0;
     let t0 = Instant::now();
     let mut risks = Vec::new();
     let mut seed = 0x2545_F491_4F6C_DD1Du64 ^ rate;
@@ -260,8 +264,6 @@ fn steady(b: &Bench, tool: Tool, target: &Target, rate: u64, tag: &str) -> Stead
         };
         risks.push(risk.as_secs_f64() * 1000.0);
     }
-    let elapsed = t0.elapsed().as_secs_f64();
-    let requests = b.s3.counts.total() as f64;
     let cpu = cpu_secs(child.id()) - cpu0;
     let mib = (self_written() - written0) as f64 / (1 << 20) as f64;
     done.store(true, Ordering::Relaxed);
@@ -274,8 +276,7 @@ fn steady(b: &Bench, tool: Tool, target: &Target, rate: u64, tag: &str) -> Stead
         risk_max_ms: *risks.last().unwrap(),
         cpu_per_mib: cpu / mib.max(0.001),
         rss_mib: rss,
-        requests_per_hour: matches!(target, Target::S3 { .. })
-            .then_some(requests / elapsed * 3600.0),
+        requests_per_hour: matches!(target, Target::S3 { .. }).then_some(requests_per_hour),
     }
 }
 

@@ -42,6 +42,10 @@ use crate::segment::{SegmentHeader, WalPoint};
 use crate::snapshot::{self, SnapshotHeader};
 use crate::wal::{self, WalCursor};
 
+/// Frames read into one segment before it is cut (at a commit boundary):
+/// bounds memory when the application outpaces uploads.
+const MAX_SEGMENT_BYTES: u64 = 4 << 20;
+
 /// Tunables of one replicated database.
 #[derive(Debug, Clone)]
 pub struct ReplicateOptions {
@@ -336,14 +340,25 @@ impl Replicator {
                 h.start()
             }
         };
-        let (committed, end) =
-            wal::read_committed(&mut file, &start, None).io_ctx("read", &self.wal)?;
-        if committed.transactions == 0 {
-            if st.cursor != Some(start) {
-                st.cursor = Some(start);
+        let mut start = start;
+        loop {
+            let (committed, end) = wal::read_batch(&mut file, &start, None, MAX_SEGMENT_BYTES)
+                .io_ctx("read", &self.wal)?;
+            if committed.transactions == 0 {
+                let st = self.state.as_mut().expect("started");
+                if st.cursor != Some(start) {
+                    st.cursor = Some(start);
+                }
+                return Ok(());
             }
-            return Ok(());
+            self.ship(committed, end)?;
+            start = end;
         }
+    }
+
+    /// Uploads one segment and advances the shipped position.
+    fn ship(&mut self, committed: wal::Committed, end: WalCursor) -> Result<()> {
+        let st = self.state.as_ref().expect("started");
         let header = SegmentHeader {
             generation: st.generation.clone(),
             index: st.next_index,

@@ -84,14 +84,16 @@ pub struct Segment {
 /// Encodes a segment; the body is `page_count` records of a big-endian u32
 /// page number followed by the page.
 pub fn encode(header: &SegmentHeader, pages: &BTreeMap<u32, Vec<u8>>) -> Vec<u8> {
-    let ps = header.page_size as usize;
-    let mut body = Vec::with_capacity(pages.len() * (ps + 4));
-    for (pgno, page) in pages {
-        debug_assert_eq!(page.len(), ps);
-        body.extend_from_slice(&pgno.to_be_bytes());
-        body.extend_from_slice(page);
-    }
-    format::encode(MAGIC, header, &body)
+    // Pages stream straight into the compressor: no uncompressed copy.
+    format::encode_to(MAGIC, header, Vec::new(), |w| {
+        for (pgno, page) in pages {
+            debug_assert_eq!(page.len(), header.page_size as usize);
+            w.write_all(&pgno.to_be_bytes())?;
+            w.write_all(page)?;
+        }
+        Ok(())
+    })
+    .expect("encoding to memory cannot fail")
 }
 
 /// Decodes and fully verifies a segment.

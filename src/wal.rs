@@ -158,6 +158,19 @@ pub fn read_committed(
     cursor: &WalCursor,
     limit: Option<u64>,
 ) -> io::Result<(Committed, WalCursor)> {
+    read_batch(file, cursor, limit, u64::MAX)
+}
+
+/// Like `read_committed`, but stops at the first commit after `max_bytes` of
+/// frames, so one batch (and the memory it needs) stays bounded when the
+/// application writes faster than a segment uploads. A single transaction is
+/// never split.
+pub fn read_batch(
+    file: &mut File,
+    cursor: &WalCursor,
+    limit: Option<u64>,
+    max_bytes: u64,
+) -> io::Result<(Committed, WalCursor)> {
     let len = file.metadata()?.len();
     let end = limit.map_or(len, |l| l.min(len));
     let frame_size = cursor.frame_size();
@@ -205,6 +218,9 @@ pub fn read_committed(
             out.transactions += 1;
             committed_cursor.offset = offset;
             committed_cursor.checksum = checksum;
+            if out.frames * frame_size >= max_bytes {
+                break;
+            }
         }
     }
     Ok((out, committed_cursor))
@@ -268,6 +284,11 @@ mod tests {
         let mut bad = cursor;
         bad.checksum.0 ^= 1;
         assert!(!verify_prefix(&mut wal, &bad).unwrap());
+        // Bounded batches stop at commit boundaries and resume exactly.
+        let (b1, c1) = read_batch(&mut wal, &header.start(), None, 1).unwrap();
+        assert_eq!(b1.transactions, 1);
+        let (b2, c2) = read_batch(&mut wal, &c1, None, u64::MAX).unwrap();
+        assert_eq!((b2.transactions, c2), (10, cursor));
         // Reading again from the end yields nothing new.
         let (c2, cursor2) = read_committed(&mut wal, &cursor, None).unwrap();
         assert_eq!(c2.transactions, 0);

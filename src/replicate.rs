@@ -340,9 +340,12 @@ impl Replicator {
                 h.start()
             }
         };
+        // Read only what was committed when the tick began: commits arriving
+        // during the upload wait for the next tick (and its sync-interval).
+        let limit = Some(file.metadata().io_ctx("stat", &self.wal)?.len());
         let mut start = start;
         loop {
-            let (committed, end) = wal::read_batch(&mut file, &start, None, MAX_SEGMENT_BYTES)
+            let (committed, end) = wal::read_batch(&mut file, &start, limit, MAX_SEGMENT_BYTES)
                 .io_ctx("read", &self.wal)?;
             if committed.transactions == 0 {
                 let st = self.state.as_mut().expect("started");

@@ -343,13 +343,17 @@ fn steady_load_is_batched_by_sync_interval() {
     let cfg = config(dir.path(), &db, server.addr, "batched", SK);
     let text = std::fs::read_to_string(&cfg).unwrap() + "        sync-interval: 500ms\n";
     std::fs::write(&cfg, text).unwrap();
-    let mut c = app(&db);
+    let c = app(&db);
     create_items(&c);
     let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
     let started = std::time::Instant::now();
     let mut commits = 0;
     while started.elapsed() < Duration::from_secs(2) {
-        c.execute("INSERT INTO items(k, v) VALUES (?1, 'small row')", [commits]).unwrap();
+        c.execute(
+            "INSERT INTO items(k, v) VALUES (?1, 'small row')",
+            [commits],
+        )
+        .unwrap();
         commits += 1;
         std::thread::sleep(Duration::from_millis(10));
     }

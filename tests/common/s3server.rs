@@ -13,7 +13,7 @@ pub const BUCKET: &str = "walstream-bucket";
 
 /// Requests seen, by S3 operation name.
 #[derive(Clone, Default)]
-pub struct Counts(Arc<Mutex<BTreeMap<String, u64>>>);
+pub struct Counts(pub Arc<Mutex<BTreeMap<String, u64>>>);
 
 impl Counts {
     pub fn total(&self) -> u64 {

@@ -355,7 +355,7 @@ fn steady_load_is_batched_by_sync_interval() {
         )
         .unwrap();
         commits += 1;
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(1));
     }
     let log = w.stop();
     let segments = log.matches("shipped segment").count();

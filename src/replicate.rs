@@ -261,7 +261,15 @@ impl Replicator {
         let wal = self.wal.clone();
         let handler = move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res {
-                if ev.paths.iter().any(|p| p == &wal) {
+                // Only writes, creation and removal matter. Access, open and
+                // close events would include walstream's own reads of the WAL
+                // and wake it in a loop.
+                use notify::EventKind;
+                let relevant = matches!(
+                    ev.kind,
+                    EventKind::Modify(_) | EventKind::Create(_) | EventKind::Remove(_)
+                );
+                if relevant && ev.paths.iter().any(|p| p == &wal) {
                     let _ = wake.send(Control::Wake);
                 }
             }

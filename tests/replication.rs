@@ -403,3 +403,36 @@ fn config_file_drives_replicate_restore_and_listings() {
     let o = walstream(&["version"]);
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("walstream "));
 }
+
+#[test]
+fn idle_database_costs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let mut c = app(&db);
+    create_items(&c);
+    let w = Replicating::db(&db, &replica);
+    let mut rng = Rng::new(12);
+    for _ in 0..20 {
+        random_txn(&mut c, &mut rng);
+    }
+    w.wait_quiet();
+    let cpu = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = cpu(w.child.id());
+    let segments = w.count("shipped segment");
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu(w.child.id()) - before;
+    // Its own reads of the WAL must not wake it: no busy loop, no uploads.
+    assert!(used <= 5, "idle walstream used {used} clock ticks in 3 s");
+    assert_eq!(w.count("shipped segment"), segments);
+    w.stop();
+}

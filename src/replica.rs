@@ -119,18 +119,22 @@ impl Replica {
         dest: &Path,
     ) -> Result<(SnapshotHeader, Box<dyn std::io::Read>)> {
         let key = layout::snapshot(generation, index, timestamp_ms);
-        match self.storage.get_file(&key, dest).await {
-            Ok(_) => {}
-            Err(e) if e.is_not_found() => {
-                return Err(Error::Missing {
-                    location: self.location(),
-                    key,
-                    message: "listed but not found".into(),
-                })
-            }
-            Err(e) => return Err(e.into()),
+        let local = self.storage.local_path(&key);
+        let source = local.as_deref().unwrap_or(dest);
+        if local.is_none() {
+            self.storage
+                .get_file(&key, dest)
+                .await
+                .map_err(|e| match e {
+                    e if e.is_not_found() => Error::Missing {
+                        location: self.location(),
+                        key: key.clone(),
+                        message: "listed but not found".into(),
+                    },
+                    e => e.into(),
+                })?;
         }
-        let (header, image) = snapshot::open_file(dest).map_err(|source| Error::Corrupt {
+        let (header, image) = snapshot::open_file(source).map_err(|source| Error::Corrupt {
             location: self.location(),
             key: key.clone(),
             source,

@@ -195,6 +195,10 @@ impl Storage for FileStorage {
             .map_err(|e| self.io("put", key, e))
     }
 
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.path(key).ok().filter(|p| p.is_file())
+    }
+
     async fn get_file(&self, key: &str, dest: &Path) -> Result<u64, StorageError> {
         let path = self.path(key)?;
         tokio::fs::copy(&path, dest)

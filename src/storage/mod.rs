@@ -90,6 +90,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
         self.put(key, data).await
     }
 
+    /// The object's path on the local filesystem, when the backend keeps
+    /// objects as plain files: restore then reads large objects in place
+    /// instead of copying them first.
+    fn local_path(&self, _key: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// Downloads an object into a new file at `path`, returning its size.
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
         let data = self.get(key).await?;

@@ -68,6 +68,34 @@ impl Checkpointer {
         }
     }
 
+    /// Whether a TRUNCATE may be tried now (a PASSIVE checkpoint just
+    /// completed with the WAL file over the limit, and no back-off pending).
+    pub fn truncate_due(&self) -> bool {
+        self.truncate_ready && Instant::now() >= self.truncate_not_before
+    }
+
+    /// Tries a TRUNCATE checkpoint without any busy wait; backs off if busy.
+    pub fn truncate(&mut self, conn: &Connection, db_path: &Path) -> Result<Outcome> {
+        let now = Instant::now();
+        self.truncate_ready = false;
+        conn.busy_timeout(Duration::ZERO).db_ctx(db_path)?;
+        let r = db::checkpoint(conn, db_path, "TRUNCATE");
+        conn.busy_timeout(self.policy.busy_timeout)
+            .db_ctx(db_path)?;
+        let r = r?;
+        self.last = now;
+        if r.busy {
+            self.truncate_not_before = now + self.truncate_backoff;
+            self.truncate_backoff =
+                (self.truncate_backoff * 2).min(self.policy.interval.max(Duration::from_secs(1)));
+            tracing::debug!(db = %db_path.display(), "TRUNCATE checkpoint busy, backing off");
+            return Ok(Outcome::TruncateBusy);
+        }
+        self.truncate_backoff = Duration::from_secs(1);
+        tracing::debug!(db = %db_path.display(), "TRUNCATE checkpoint done");
+        Ok(Outcome::Truncated)
+    }
+
     /// Runs whatever checkpoint is due. `shipped_frames` is the number of
     /// frames in the current WAL up to the shipped position; `file_frames` is
     /// the WAL file's size in frames. `conn` must not be in a transaction.
@@ -83,23 +111,7 @@ impl Checkpointer {
             && file_frames >= self.policy.max_pages
             && now >= self.truncate_not_before
         {
-            self.truncate_ready = false;
-            conn.busy_timeout(Duration::ZERO).db_ctx(db_path)?;
-            let r = db::checkpoint(conn, db_path, "TRUNCATE");
-            conn.busy_timeout(self.policy.busy_timeout)
-                .db_ctx(db_path)?;
-            let r = r?;
-            self.last = now;
-            if r.busy {
-                self.truncate_not_before = now + self.truncate_backoff;
-                self.truncate_backoff = (self.truncate_backoff * 2)
-                    .min(self.policy.interval.max(Duration::from_secs(1)));
-                tracing::debug!(db = %db_path.display(), "TRUNCATE checkpoint busy, backing off");
-                return Ok(Outcome::TruncateBusy);
-            }
-            self.truncate_backoff = Duration::from_secs(1);
-            tracing::debug!(db = %db_path.display(), "TRUNCATE checkpoint done");
-            return Ok(Outcome::Truncated);
+            return self.truncate(conn, db_path);
         }
         if self.completed_at_frames == Some(shipped_frames) && !self.truncate_ready {
             return Ok(Outcome::Skipped);

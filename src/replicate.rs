@@ -421,6 +421,21 @@ impl Replicator {
         let idle = &self.conns[1 - self.active];
         self.checkpointer
             .run(idle, &self.db, shipped_frames, file_frames)?;
+        if self.checkpointer.truncate_due() {
+            // Move the read lock onto the now fully checkpointed WAL (SQLite
+            // then gives it read mark 0, which does not stand in the way of a
+            // TRUNCATE), shipping anything new first, and truncate at once.
+            let next = 1 - self.active;
+            db::begin_read(&self.conns[next], &self.db)?;
+            if let Err(e) = self.sync() {
+                let _ = db::end_read(&self.conns[next], &self.db);
+                return Err(e);
+            }
+            db::end_read(&self.conns[self.active], &self.db)?;
+            self.active = next;
+            self.checkpointer
+                .truncate(&self.conns[1 - self.active], &self.db)?;
+        }
         Ok(())
     }
 

@@ -41,18 +41,7 @@ pub enum FormatError {
 
 /// Encodes `header` and `body` into an object with the given magic.
 pub fn encode<H: Serialize>(magic: &[u8; 8], header: &H, body: &[u8]) -> Vec<u8> {
-    let header = serde_json::to_vec(header).expect("header serializes");
-    let mut out = Vec::with_capacity(body.len() / 2 + header.len() + 64);
-    out.extend_from_slice(magic);
-    out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
-    out.extend_from_slice(&header);
-    let mut enc = lz4_flex::frame::FrameEncoder::new(out);
-    enc.write_all(body).expect("write to memory");
-    let mut out = enc.finish().expect("finish lz4 frame");
-    let sum = Sha256::digest(&out);
-    out.extend_from_slice(&sum);
-    out
+    encode_to(magic, header, Vec::new(), |w| w.write_all(body)).expect("encoding to memory")
 }
 
 /// A writer that hashes everything written through it.

@@ -18,10 +18,6 @@ pub mod layout {
     /// Prefix holding all generations.
     pub const GENERATIONS: &str = "generations/";
 
-    pub fn generation_dir(generation: &str) -> String {
-        format!("{GENERATIONS}{generation}/")
-    }
-
     pub fn manifest(generation: &str) -> String {
         format!("{GENERATIONS}{generation}/generation.json")
     }

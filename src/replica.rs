@@ -4,13 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::generation::{layout, Manifest};
 use crate::segment::{self, Segment, SegmentHeader};
 use crate::snapshot::{self, SnapshotHeader};
-use crate::storage::{DynStorage, Storage};
+use crate::storage::DynStorage;
 
 /// What a listing of one generation found (keys only, nothing downloaded).
 #[derive(Debug, Clone, Default)]
@@ -31,14 +30,6 @@ pub struct Replica {
 impl Replica {
     pub fn new(storage: DynStorage) -> Replica {
         Replica { storage }
-    }
-
-    pub fn from_storage(storage: impl Storage + 'static) -> Replica {
-        Replica::new(Arc::new(storage))
-    }
-
-    pub fn storage(&self) -> &DynStorage {
-        &self.storage
     }
 
     pub fn location(&self) -> String {
@@ -125,14 +116,7 @@ impl Replica {
             self.storage
                 .get_file(&key, dest)
                 .await
-                .map_err(|e| match e {
-                    e if e.is_not_found() => Error::Missing {
-                        location: self.location(),
-                        key: key.clone(),
-                        message: "listed but not found".into(),
-                    },
-                    e => e.into(),
-                })?;
+                .map_err(|e| self.missing(&key, e))?;
         }
         let (header, image) = snapshot::open_file(source).map_err(|source| Error::Corrupt {
             location: self.location(),
@@ -161,14 +145,23 @@ impl Replica {
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>> {
-        match self.storage.get(key).await {
-            Ok(d) => Ok(d),
-            Err(e) if e.is_not_found() => Err(Error::Missing {
+        self.storage
+            .get(key)
+            .await
+            .map_err(|e| self.missing(key, e))
+    }
+
+    /// A listed object that is gone is a gap in the replica, not a storage
+    /// failure: say so, naming it.
+    fn missing(&self, key: &str, e: crate::storage::StorageError) -> Error {
+        if e.is_not_found() {
+            Error::Missing {
                 location: self.location(),
                 key: key.to_string(),
                 message: "listed but not found".into(),
-            }),
-            Err(e) => Err(e.into()),
+            }
+        } else {
+            e.into()
         }
     }
 

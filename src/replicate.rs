@@ -175,10 +175,6 @@ impl Replicator {
         }))
     }
 
-    pub fn db_path(&self) -> &Path {
-        &self.db
-    }
-
     /// Resumes the replica's newest generation if the WAL on disk provably
     /// continues it, or starts a new generation. Takes the first read lock.
     pub fn start(&mut self) -> Result<()> {
@@ -292,16 +288,23 @@ impl Replicator {
 
     /// One round: lock forward, ship, release the older lock, maintenance.
     pub fn tick(&mut self) -> Result<()> {
+        self.advance()?;
+        self.maintain()
+    }
+
+    /// Begins a read transaction on the idle connection, ships everything
+    /// committed, and only then ends the older read transaction. If shipping
+    /// fails the older one is kept: it still protects every unshipped frame.
+    fn advance(&mut self) -> Result<()> {
         let next = 1 - self.active;
         db::begin_read(&self.conns[next], &self.db)?;
         if let Err(e) = self.sync() {
-            // Keep the older read lock: it still protects every unshipped frame.
             let _ = db::end_read(&self.conns[next], &self.db);
             return Err(e);
         }
         db::end_read(&self.conns[self.active], &self.db)?;
         self.active = next;
-        self.maintain()
+        Ok(())
     }
 
     fn open_wal(&self) -> Result<Option<File>> {
@@ -350,7 +353,7 @@ impl Replicator {
         };
         // Read only what was committed when the tick began: commits arriving
         // during the upload wait for the next tick (and its sync-interval).
-        let limit = Some(file.metadata().io_ctx("stat", &self.wal)?.len());
+        let limit = Some(len);
         let mut start = start;
         loop {
             let (committed, end) = wal::read_batch(&mut file, &start, limit, MAX_SEGMENT_BYTES)
@@ -425,14 +428,7 @@ impl Replicator {
             // Move the read lock onto the now fully checkpointed WAL (SQLite
             // then gives it read mark 0, which does not stand in the way of a
             // TRUNCATE), shipping anything new first, and truncate at once.
-            let next = 1 - self.active;
-            db::begin_read(&self.conns[next], &self.db)?;
-            if let Err(e) = self.sync() {
-                let _ = db::end_read(&self.conns[next], &self.db);
-                return Err(e);
-            }
-            db::end_read(&self.conns[self.active], &self.db)?;
-            self.active = next;
+            self.advance()?;
             self.checkpointer
                 .truncate(&self.conns[1 - self.active], &self.db)?;
         }

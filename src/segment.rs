@@ -120,8 +120,3 @@ pub fn decode(data: &[u8]) -> Result<Segment, FormatError> {
     }
     Ok(Segment { header, pages })
 }
-
-/// Reads only the header, without verifying the checksum.
-pub fn decode_header(data: &[u8]) -> Result<SegmentHeader, FormatError> {
-    format::decode_header_unverified(MAGIC, "segment", data)
-}

@@ -53,8 +53,3 @@ pub fn open_file(
 ) -> Result<(SnapshotHeader, Box<dyn std::io::Read>), FormatError> {
     format::decode_file(MAGIC, "snapshot", path)
 }
-
-/// Reads only the header, without verifying the checksum.
-pub fn decode_header(data: &[u8]) -> Result<SnapshotHeader, FormatError> {
-    format::decode_header_unverified(MAGIC, "snapshot", data)
-}

@@ -22,10 +22,6 @@ impl FileStorage {
         FileStorage { root: root.into() }
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
         if key.is_empty()
             || key.starts_with('/')

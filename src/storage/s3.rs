@@ -171,6 +171,20 @@ impl S3Storage {
         }
     }
 
+    async fn get_object(
+        &self,
+        key: &str,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, StorageError> {
+        self.counts.get.fetch_add(1, Ordering::Relaxed);
+        self.client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+            .map_err(|e| self.get_err(key, e))
+    }
+
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
@@ -196,17 +210,21 @@ impl S3Storage {
         }
     }
 
-    /// Multipart upload of `size` bytes read part by part from `next_part`,
-    /// so memory stays at one part whatever the object size.
+    /// Multipart upload of an object already in memory.
     async fn put_multipart(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
-        let mut chunks = data
-            .chunks(self.part_size)
-            .map(|c| c.to_vec())
-            .collect::<Vec<_>>()
-            .into_iter();
-        self.put_parts(key, move || Ok(chunks.next())).await
+        let part_size = self.part_size;
+        let mut offset = 0;
+        self.put_parts(key, move || {
+            let end = (offset + part_size).min(data.len());
+            let part = (offset < end).then(|| data[offset..end].to_vec());
+            offset = end;
+            Ok(part)
+        })
+        .await
     }
 
+    /// Multipart upload of parts taken one at a time from `next_part`, so
+    /// only one part is held beyond what the caller holds.
     async fn put_parts(
         &self,
         key: &str,
@@ -308,15 +326,7 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
-        self.counts.get.fetch_add(1, Ordering::Relaxed);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .send()
-            .await
-            .map_err(|e| self.get_err(key, e))?;
+        let out = self.get_object(key).await?;
         let body = out
             .body
             .collect()
@@ -403,15 +413,7 @@ impl Storage for S3Storage {
     }
 
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
-        self.counts.get.fetch_add(1, Ordering::Relaxed);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .send()
-            .await
-            .map_err(|e| self.get_err(key, e))?;
+        let out = self.get_object(key).await?;
         let io = |source| StorageError::Io {
             op: "download",
             location: self.location.clone(),

@@ -13,6 +13,7 @@
 //! * restore time of a ~100 MB database, next to a plain file copy.
 //!
 //! `WALSTREAM_BENCH_SECS` sets the length of each steady run (default 8).
+//! `WALSTREAM_BENCH_ONLY=steady,bulk,restore` runs only the named sections.
 
 #[path = "../tests/common/s3server.rs"]
 mod s3server;
@@ -28,6 +29,9 @@ use s3server::{S3Server, AK, BUCKET, SK};
 #[derive(Clone, Copy, PartialEq)]
 enum Tool {
     Walstream,
+    /// walstream with sync-interval 1s on every target: Litestream's default
+    /// data at risk, for comparing CPU and requests at equal risk.
+    Walstream1s,
     Litestream,
 }
 
@@ -35,6 +39,7 @@ impl Tool {
     fn name(self) -> &'static str {
         match self {
             Tool::Walstream => "walstream",
+            Tool::Walstream1s => "walstream-1s",
             Tool::Litestream => "litestream",
         }
     }
@@ -74,6 +79,9 @@ struct Bench {
     secs: u64,
     /// walstream's sync-interval on S3 for the data-at-risk runs.
     s3_sync: &'static str,
+    /// walstream's sync-interval on a directory (`WALSTREAM_BENCH_DIR_SYNC`,
+    /// default 0: every commit at once).
+    dir_sync: String,
 }
 
 fn ensure_litestream() -> PathBuf {
@@ -102,7 +110,7 @@ fn ensure_litestream() -> PathBuf {
 impl Bench {
     fn command(&self, tool: Tool) -> Command {
         let mut c = Command::new(match tool {
-            Tool::Walstream => &self.walstream,
+            Tool::Walstream | Tool::Walstream1s => &self.walstream,
             Tool::Litestream => &self.litestream,
         });
         c.env("AWS_ACCESS_KEY_ID", AK)
@@ -118,14 +126,23 @@ impl Bench {
     fn start(&self, tool: Tool, db: &Path, target: &Target) -> Child {
         let mut c = self.command(tool);
         c.arg("replicate");
-        if tool == Tool::Walstream {
-            if let Target::S3 { .. } = target {
-                let url = format!("{}&sync-interval={}", target.url(), self.s3_sync);
-                c.arg(db).arg(url);
-                return c.spawn().unwrap();
-            }
-        }
-        c.arg(db).arg(target.url()).spawn().unwrap()
+        let sync = match (tool, target) {
+            (Tool::Litestream, _) => return c.arg(db).arg(target.url()).spawn().unwrap(),
+            (Tool::Walstream1s, _) => "1s".to_string(),
+            (Tool::Walstream, Target::S3 { .. }) => self.s3_sync.to_string(),
+            (Tool::Walstream, Target::Dir(_)) => self.dir_sync.clone(),
+        };
+        let cfg = db.with_extension("yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "dbs:\n  - path: {}\n    replicas:\n      - url: {}\n        sync-interval: {sync}\n",
+                db.display(),
+                target.url()
+            ),
+        )
+        .unwrap();
+        c.arg("--config").arg(cfg).spawn().unwrap()
     }
 
     fn restore(&self, tool: Tool, target: &Target, out: &Path) -> Duration {
@@ -318,7 +335,7 @@ fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> (f64, f64,
 }
 
 /// Restore time of a ~100 MB database after a few changes, vs. a file copy.
-fn restore_time(b: &Bench, tool: Tool, target: &Target, tag: &str) -> (f64, f64) {
+fn restore_time(b: &Bench, tool: Tool, target: &Target, tag: &str) -> (f64, f64, f64) {
     let db = b.dir.path().join(format!("{tag}.db"));
     let mut c = app(&db);
     c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
@@ -355,7 +372,14 @@ fn restore_time(b: &Bench, tool: Tool, target: &Target, tag: &str) -> (f64, f64)
     let copy_to = b.dir.path().join(format!("{tag}-copy.db"));
     let t = Instant::now();
     std::fs::copy(&db, &copy_to).unwrap();
-    (restore, t.elapsed().as_secs_f64())
+    let copy = t.elapsed().as_secs_f64();
+    // A restore makes its result durable before renaming it into place; the
+    // same for a copy.
+    let synced_to = b.dir.path().join(format!("{tag}-copy-synced.db"));
+    let t = Instant::now();
+    std::fs::copy(&db, &synced_to).unwrap();
+    std::fs::File::open(&synced_to).unwrap().sync_all().unwrap();
+    (restore, copy, t.elapsed().as_secs_f64())
 }
 
 fn main() {
@@ -369,6 +393,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(8),
         s3_sync: "100ms",
+        dir_sync: std::env::var("WALSTREAM_BENCH_DIR_SYNC").unwrap_or_else(|_| "0".into()),
     };
     let target = |tool: Tool, kind: &str, tag: &str| -> Target {
         match kind {
@@ -379,66 +404,101 @@ fn main() {
             },
         }
     };
-    println!(
-        "## steady writes (walstream S3 sync-interval {})",
-        b.s3_sync
-    );
-    println!(
+    // WALSTREAM_BENCH_ONLY=steady,bulk,restore picks sections.
+    let only = std::env::var("WALSTREAM_BENCH_ONLY").unwrap_or_default();
+    let section = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
+    if section("steady") {
+        println!(
+            "## steady writes (walstream S3 sync-interval {})",
+            b.s3_sync
+        );
+        println!(
         "| tool | target | tx/s | risk median ms | risk max ms | CPU s/MiB WAL | peak RSS MiB | S3 requests/hour |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for rate in [200u64, 1000] {
-        for kind in ["dir", "s3"] {
-            for tool in [Tool::Walstream, Tool::Litestream] {
-                let tag = format!("steady{rate}-{kind}-{}", tool.name());
-                let t = target(tool, kind, &tag);
-                let s = steady(&b, tool, &t, rate, &tag);
-                println!(
-                    "| {} | {} | {rate} | {:.1} | {:.1} | {:.3} | {:.1} | {} |",
-                    tool.name(),
-                    t.name(),
-                    s.risk_median_ms,
-                    s.risk_max_ms,
-                    s.cpu_per_mib,
-                    s.rss_mib,
-                    s.requests_per_hour
-                        .map_or("-".into(), |r| format!("{r:.0}"))
-                );
+        println!("|---|---|---|---|---|---|---|---|");
+        for rate in [200u64, 1000] {
+            for kind in ["dir", "s3"] {
+                for tool in [Tool::Walstream, Tool::Walstream1s, Tool::Litestream] {
+                    let tag = format!("steady{rate}-{kind}-{}", tool.name());
+                    let t = target(tool, kind, &tag);
+                    let s = steady(&b, tool, &t, rate, &tag);
+                    println!(
+                        "| {} | {} | {rate} | {:.1} | {:.1} | {:.3} | {:.1} | {} |",
+                        tool.name(),
+                        t.name(),
+                        s.risk_median_ms,
+                        s.risk_max_ms,
+                        s.cpu_per_mib,
+                        s.rss_mib,
+                        s.requests_per_hour
+                            .map_or("-".into(), |r| format!("{r:.0}"))
+                    );
+                }
             }
         }
     }
-    println!("\n## unthrottled bulk load (~100 MB of WAL)");
-    println!("| daemon | target | app tx/s | vs. no daemon | CPU s/MiB WAL | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|");
-    let (base, _, _) = bulk(
-        &b,
-        None,
-        &Target::Dir(b.dir.path().join("none")),
-        "bulk-none",
-    );
-    println!("| none | - | {base:.0} | 100% | - | - |");
-    for kind in ["dir", "s3"] {
-        for tool in [Tool::Walstream, Tool::Litestream] {
-            let tag = format!("bulk-{kind}-{}", tool.name());
-            let t = target(tool, kind, &tag);
-            let (rate, cpu, rss) = bulk(&b, Some(tool), &t, &tag);
-            println!(
-                "| {} | {} | {rate:.0} | {:.0}% | {cpu:.3} | {rss:.1} |",
-                tool.name(),
-                t.name(),
-                rate / base * 100.0
-            );
+    if section("bulk") {
+        // The application's rate swings with the page cache and writeback
+        // from run to run: run every configuration in each of three rounds
+        // and report medians.
+        println!("\n## unthrottled bulk load (~100 MB of WAL, median of 3 rounds)");
+        println!("| daemon | target | app tx/s | vs. no daemon | CPU s/MiB WAL | peak RSS MiB |");
+        println!("|---|---|---|---|---|---|");
+        let mut configs: Vec<(Option<Tool>, &str)> = vec![(None, "-")];
+        for kind in ["dir", "s3"] {
+            for tool in [Tool::Walstream, Tool::Litestream] {
+                configs.push((Some(tool), kind));
+            }
+        }
+        let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); configs.len()];
+        for round in 0..3 {
+            for (i, (tool, kind)) in configs.iter().enumerate() {
+                let name = tool.map_or("none", |t| t.name());
+                let tag = format!("bulk{round}-{kind}-{name}");
+                let t = match tool {
+                    Some(tool) => target(*tool, kind, &tag),
+                    None => Target::Dir(b.dir.path().join(&tag)),
+                };
+                results[i].push(bulk(&b, *tool, &t, &tag));
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        let mut base = 0.0;
+        for ((tool, kind), r) in configs.iter().zip(&results) {
+            let rate = median(&mut r.iter().map(|x| x.0).collect());
+            let cpu = median(&mut r.iter().map(|x| x.1).collect());
+            let rss = median(&mut r.iter().map(|x| x.2).collect());
+            match tool {
+                None => {
+                    base = rate;
+                    println!("| none | - | {rate:.0} | 100% | - | - |");
+                }
+                Some(t) => println!(
+                    "| {} | {kind} | {rate:.0} | {:.0}% | {cpu:.3} | {rss:.1} |",
+                    t.name(),
+                    rate / base * 100.0
+                ),
+            }
         }
     }
-    println!("\n## restore of a ~100 MB database after changes");
-    println!("| tool | target | restore s | file copy s |");
-    println!("|---|---|---|---|");
-    for kind in ["dir", "s3"] {
-        for tool in [Tool::Walstream, Tool::Litestream] {
-            let tag = format!("restore-{kind}-{}", tool.name());
-            let t = target(tool, kind, &tag);
-            let (r, copy) = restore_time(&b, tool, &t, &tag);
-            println!("| {} | {} | {r:.2} | {copy:.2} |", tool.name(), t.name());
+    if section("restore") {
+        println!("\n## restore of a ~100 MB database after changes");
+        println!("| tool | target | restore s | file copy s | file copy + fsync s |");
+        println!("|---|---|---|---|---|");
+        for kind in ["dir", "s3"] {
+            for tool in [Tool::Walstream, Tool::Litestream] {
+                let tag = format!("restore-{kind}-{}", tool.name());
+                let t = target(tool, kind, &tag);
+                let (r, copy, synced) = restore_time(&b, tool, &t, &tag);
+                println!(
+                    "| {} | {} | {r:.2} | {copy:.2} | {synced:.2} |",
+                    tool.name(),
+                    t.name()
+                );
+            }
         }
     }
 }

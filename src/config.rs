@@ -75,12 +75,22 @@ pub struct Config {
     pub mcp_addr: Option<String>,
     pub snapshot: Option<GlobalSnapshotConfig>,
     pub levels: Option<serde_yaml::Value>,
+    /// `/readyz` allows this much time past a replica's sync-interval since
+    /// its last complete sync (default 10s).
+    #[serde(default, deserialize_with = "duration")]
+    pub ready_lag: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct DbConfig {
     pub path: Option<PathBuf>,
+    /// Replicate every database in this directory (instead of `path`).
+    pub dir: Option<PathBuf>,
+    /// With `dir`: file name pattern, e.g. `*.db` (default `*`).
+    pub pattern: Option<String>,
+    /// With `dir`: include subdirectories.
+    pub recursive: Option<bool>,
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
     pub replica: Option<ReplicaConfig>,
@@ -135,15 +145,64 @@ pub struct ReplicaConfig {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub dbs: Vec<DbSettings>,
+    /// Directories whose databases are all replicated.
+    pub dirs: Vec<DirSettings>,
     pub addr: Option<String>,
     pub exec: Option<String>,
     pub log_level: Option<String>,
+    pub log_format: LogFormat,
+    pub ready_lag: Duration,
+}
+
+impl Settings {
+    /// Settings for one database given on the command line.
+    pub fn single(db: DbSettings) -> Settings {
+        Settings {
+            dbs: vec![db],
+            dirs: Vec::new(),
+            addr: None,
+            exec: None,
+            log_level: None,
+            log_format: LogFormat::Text,
+            ready_lag: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A `dir:` entry: every database below `dir` whose file name matches
+/// `pattern`, each replicated like `template` with its path relative to `dir`
+/// appended to every replica's location.
+#[derive(Debug, Clone)]
+pub struct DirSettings {
+    pub dir: PathBuf,
+    pub pattern: glob::Pattern,
+    pub recursive: bool,
+    pub template: DbSettings,
+}
+
+impl DirSettings {
+    /// The settings for the database at `db` (a path below `dir`).
+    pub fn for_db(&self, db: &Path) -> Option<DbSettings> {
+        let rel = db.strip_prefix(&self.dir).ok()?;
+        let mut s = self.template.clone();
+        s.path = db.to_path_buf();
+        for r in &mut s.replicas {
+            r.target = r.target.join(rel);
+        }
+        Some(s)
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct DbSettings {
     pub path: PathBuf,
-    pub replicas: Vec<ReplicaTarget>,
+    pub replicas: Vec<ReplicaSettings>,
     pub monitor_interval: Duration,
     pub checkpoint_interval: Duration,
     pub min_checkpoint_page_count: u64,
@@ -154,7 +213,7 @@ pub struct DbSettings {
 }
 
 impl DbSettings {
-    pub fn with_defaults(path: PathBuf, replicas: Vec<ReplicaTarget>) -> DbSettings {
+    pub fn with_defaults(path: PathBuf, replicas: Vec<ReplicaSettings>) -> DbSettings {
         DbSettings {
             path,
             replicas,
@@ -165,6 +224,29 @@ impl DbSettings {
             snapshot_interval: Duration::from_secs(24 * 3600),
             retention: None,
             busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One replica of one database: where it lives and how often it is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaSettings {
+    pub target: ReplicaTarget,
+    /// Minimum time between two uploads.
+    pub sync_interval: Duration,
+}
+
+impl ReplicaSettings {
+    /// Defaults per backend: a directory gets every commit at once; S3
+    /// batches for up to a second, because every upload is a billed request.
+    pub fn new(target: ReplicaTarget) -> ReplicaSettings {
+        let sync_interval = match &target {
+            ReplicaTarget::S3(s3) => s3.sync_interval.unwrap_or(Duration::from_secs(1)),
+            ReplicaTarget::File { .. } => Duration::ZERO,
+        };
+        ReplicaSettings {
+            target,
+            sync_interval,
         }
     }
 }
@@ -244,6 +326,25 @@ impl std::fmt::Display for ReplicaTarget {
 }
 
 impl ReplicaTarget {
+    /// The same kind of target one level down, at `rel` (a relative path).
+    pub fn join(&self, rel: &Path) -> ReplicaTarget {
+        match self {
+            ReplicaTarget::File { path } => ReplicaTarget::File {
+                path: path.join(rel),
+            },
+            ReplicaTarget::S3(s3) => {
+                let mut s3 = s3.clone();
+                let rel = rel.to_string_lossy();
+                s3.prefix = if s3.prefix.is_empty() {
+                    rel.to_string()
+                } else {
+                    format!("{}/{rel}", s3.prefix)
+                };
+                ReplicaTarget::S3(s3)
+            }
+        }
+    }
+
     /// Parses `file:///dir`, a plain path, or
     /// `s3://bucket/prefix?endpoint=..&region=..&forcePathStyle=true`.
     pub fn parse_url(s: &str) -> Result<ReplicaTarget, String> {
@@ -415,12 +516,22 @@ impl Config {
             return Err(invalid("no databases configured (dbs is empty)".into()));
         }
         let mut dbs = Vec::new();
+        let mut dirs = Vec::new();
         for (i, db) in self.dbs.iter().enumerate() {
             let at = format!("dbs[{i}]");
-            let db_path = db
-                .path
-                .clone()
-                .ok_or_else(|| invalid(format!("{at}: missing path")))?;
+            let db_path = match (&db.path, &db.dir) {
+                (Some(p), None) => p.clone(),
+                (None, Some(d)) => d.clone(),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(format!("{at}: give either path or dir, not both")))
+                }
+                (None, None) => return Err(invalid(format!("{at}: missing path (or dir)"))),
+            };
+            if db.dir.is_none() && (db.pattern.is_some() || db.recursive.is_some()) {
+                return Err(invalid(format!(
+                    "{at}: pattern and recursive only apply with dir"
+                )));
+            }
             let replicas: Vec<&ReplicaConfig> = match (&db.replica, db.replicas.is_empty()) {
                 (Some(_), false) => {
                     return Err(invalid(format!("{at}: replica and replicas are both set")))
@@ -457,7 +568,11 @@ impl Config {
                 let target = self
                     .replica_target(r)
                     .map_err(|m| invalid(format!("{rat}: {m}")))?;
-                s.replicas.push(target);
+                let mut rs = ReplicaSettings::new(target);
+                if let Some(v) = r.sync_interval {
+                    rs.sync_interval = v;
+                }
+                s.replicas.push(rs);
                 if let Some(v) = r
                     .snapshot_interval
                     .or(db.snapshot_interval)
@@ -470,13 +585,44 @@ impl Config {
             if s.snapshot_interval.is_zero() {
                 return Err(invalid(format!("{at}: snapshot-interval must be positive")));
             }
-            dbs.push(s);
+            if db.dir.is_some() {
+                let pattern = db.pattern.as_deref().unwrap_or("*");
+                let pattern = glob::Pattern::new(pattern)
+                    .map_err(|e| invalid(format!("{at}: pattern {pattern:?}: {e}")))?;
+                dirs.push(DirSettings {
+                    dir: s.path.clone(),
+                    pattern,
+                    recursive: db.recursive.unwrap_or(false),
+                    template: s,
+                });
+            } else {
+                dbs.push(s);
+            }
+        }
+        let logging = self.logging.clone().unwrap_or_default();
+        let log_format = match logging.r#type.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "logging.type {other:?} is not text or json"
+                )))
+            }
+        };
+        if let Some(exec) = &self.exec {
+            crate::exec::split(exec).map_err(|e| invalid(e.to_string()))?;
+        }
+        if let Some(addr) = &self.addr {
+            crate::server::parse_addr(addr).map_err(|e| invalid(e.to_string()))?;
         }
         Ok(Settings {
             dbs,
+            dirs,
             addr: self.addr.clone(),
             exec: self.exec.clone(),
-            log_level: self.logging.as_ref().and_then(|l| l.level.clone()),
+            log_level: logging.level,
+            log_format,
+            ready_lag: self.ready_lag.unwrap_or(Duration::from_secs(10)),
         })
     }
 
@@ -525,9 +671,6 @@ impl Config {
             if let Some(c) = r.concurrency {
                 s.concurrency = Some(c.max(1) as usize);
             }
-            if r.sync_interval.is_some() {
-                s.sync_interval = r.sync_interval;
-            }
             s.access_key_id = r
                 .access_key_id
                 .clone()
@@ -557,19 +700,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.dbs.len(), 2);
-        let ReplicaTarget::S3(a) = &s.dbs[0].replicas[0] else {
+        let ReplicaTarget::S3(a) = &s.dbs[0].replicas[0].target else {
             panic!()
         };
         assert_eq!(a.bucket, "bucket");
         assert_eq!(a.prefix, "app");
         assert_eq!(a.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert!(a.force_path_style);
-        let ReplicaTarget::S3(b) = &s.dbs[0].replicas[1] else {
+        let ReplicaTarget::S3(b) = &s.dbs[0].replicas[1].target else {
             panic!()
         };
         assert_eq!((b.bucket.as_str(), b.prefix.as_str()), ("b2", "db"));
+        assert_eq!(s.dbs[0].replicas[0].sync_interval, Duration::from_secs(1));
+        assert_eq!(s.dbs[1].replicas[0].sync_interval, Duration::ZERO);
         assert_eq!(
-            s.dbs[1].replicas[0],
+            s.dbs[1].replicas[0].target,
             ReplicaTarget::File {
                 path: "/backups/other".into()
             }
@@ -580,14 +725,21 @@ mod tests {
     #[test]
     fn s3_options() {
         let s = parse("dbs:\n  - path: a.db\n    replica:\n      type: s3\n      bucket: b\n      sse: aws:kms\n      sse-kms-key-id: k1\n      storage-class: STANDARD_IA\n      part-size: 10485760\n      concurrency: 3\n      sync-interval: 250ms\n").unwrap();
-        let ReplicaTarget::S3(t) = &s.dbs[0].replicas[0] else {
+        assert_eq!(
+            s.dbs[0].replicas[0].sync_interval,
+            Duration::from_millis(250)
+        );
+        let ReplicaTarget::S3(t) = &s.dbs[0].replicas[0].target else {
             panic!()
         };
         assert_eq!(t.sse.as_deref(), Some("aws:kms"));
         assert_eq!(t.sse_kms_key_id.as_deref(), Some("k1"));
         assert_eq!(t.storage_class.as_deref(), Some("STANDARD_IA"));
         assert_eq!((t.part_size, t.concurrency), (Some(10 << 20), Some(3)));
-        assert_eq!(t.sync_interval, Some(Duration::from_millis(250)));
+        let s =
+            parse("dbs:\n  - path: a.db\n    replica:\n      path: /r\n      sync-interval: 1s\n")
+                .unwrap();
+        assert_eq!(s.dbs[0].replicas[0].sync_interval, Duration::from_secs(1));
         let e = parse("dbs:\n  - path: a.db\n    replica:\n      type: s3\n      bucket: b\n      sse: rot13\n").unwrap_err();
         assert!(e.to_string().contains("rot13"));
     }
@@ -656,7 +808,7 @@ mod tests {
         );
         assert!(ReplicaTarget::parse_url("gcs://b/p").is_err());
         let s = parse("secret-access-key: SUPERSECRET\ndbs:\n  - path: a.db\n    replica:\n      type: s3\n      bucket: bk\n").unwrap();
-        let t = &s.dbs[0].replicas[0];
+        let t = &s.dbs[0].replicas[0].target;
         assert!(!format!("{t} {t:?}").contains("SUPERSECRET"));
         let ReplicaTarget::S3(s3) = t else { panic!() };
         assert_eq!(s3.secret_access_key.as_deref(), Some("SUPERSECRET"));

@@ -10,20 +10,28 @@
 //!   stored (see FORMAT.md);
 //! * [`replica`] maps those onto object keys in a [`storage`] backend;
 //! * [`restore`] rebuilds a database from a replica;
-//! * [`config`] reads Litestream-compatible YAML configuration.
+//! * [`config`] reads Litestream-compatible YAML configuration;
+//! * [`daemon`] runs many replicators in one process, with [`exec`] for a
+//!   wrapped application, [`watch`] for shared file notifications, and
+//!   [`metrics`] and [`server`] for what operators watch.
 
 pub mod checkpoint;
 pub mod config;
+pub mod daemon;
 pub mod db;
 pub mod error;
+pub mod exec;
 pub mod format;
 pub mod generation;
+pub mod metrics;
 pub mod replica;
 pub mod replicate;
 pub mod restore;
 pub mod segment;
+pub mod server;
 pub mod snapshot;
 pub mod storage;
 pub mod wal;
+pub mod watch;
 
 pub use error::{Error, Result};

@@ -3,21 +3,21 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
-use tokio::runtime::Handle;
 
-use walstream::config::{Config, DbSettings, ReplicaTarget, Settings};
+use walstream::config::{Config, DbSettings, LogFormat, ReplicaSettings, ReplicaTarget, Settings};
+use walstream::daemon::Daemon;
 use walstream::generation;
+use walstream::metrics::Metrics;
 use walstream::replica::Replica;
-use walstream::replicate::{Control, ReplicateOptions, Replicator};
 use walstream::restore::{self, RestoreOptions, RestoreOutcome};
-use walstream::storage::{DynStorage, FileStorage, S3Storage};
+use walstream::server;
+use walstream::storage;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,11 @@ enum Command {
         db: Option<PathBuf>,
         /// Replica URLs (file:///dir or a plain directory path).
         replicas: Vec<String>,
+        /// Run this application (split like a shell would, no shell) once
+        /// replication has started; its signals are forwarded and its exit
+        /// code becomes walstream's.
+        #[arg(long)]
+        exec: Option<String>,
     },
     /// Restore a database from a replica.
     Restore {
@@ -105,35 +110,68 @@ fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The config is read before logging starts so that its `logging:`
+    // section applies; its errors are printed like any other.
+    let settings = match &cli.command {
+        Command::Replicate {
+            config,
+            db,
+            replicas,
+            exec,
+        } => match replicate_settings(config.as_deref(), db.clone(), replicas, exec.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(e),
+        },
+        _ => None,
+    };
     let filter = std::env::var("RUST_LOG")
         .ok()
         .or_else(|| cli.log_level.clone())
+        .or_else(|| settings.as_ref().and_then(|s| s.log_level.clone()))
         .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&filter) {
+        Ok(f) => f,
+        Err(e) => return fail(anyhow!("invalid log level {filter:?}: {e}")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.as_ref().map(|s| s.log_format) {
+        Some(LogFormat::Json) => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        _ => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("walstream: error: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(anyhow!("cannot start runtime: {e}")),
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run(cli, settings)) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("walstream: error: {}", format!("{e:#}").replace('\n', " "));
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e),
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
+fn fail(e: anyhow::Error) -> ExitCode {
+    eprintln!("walstream: error: {}", format!("{e:#}").replace('\n', " "));
+    ExitCode::FAILURE
+}
+
+/// `WALSTREAM_DRY_RUN=1`: check arguments and configuration, print what would
+/// be done, and exit without touching databases or storage.
+fn dry_run() -> bool {
+    std::env::var("WALSTREAM_DRY_RUN").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
     match cli.command {
         Command::Version => {
             println!(
@@ -143,12 +181,32 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Replicate {
-            config,
-            db,
-            replicas,
-        } => {
-            let settings = replicate_settings(config.as_deref(), db, replicas)?;
+        Command::Replicate { .. } => {
+            let settings = settings.expect("resolved in main");
+            if dry_run() {
+                for db in &settings.dbs {
+                    for r in &db.replicas {
+                        println!("would replicate {} to {}", db.path.display(), r.target);
+                    }
+                }
+                for d in &settings.dirs {
+                    for r in &d.template.replicas {
+                        println!(
+                            "would replicate {}/{} to {}",
+                            d.dir.display(),
+                            d.pattern,
+                            r.target
+                        );
+                    }
+                }
+                if let Some(exec) = &settings.exec {
+                    println!("would run {exec}");
+                }
+                if let Some(addr) = &settings.addr {
+                    println!("would serve metrics on {addr}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             replicate(settings).await
         }
         Command::Restore {
@@ -160,6 +218,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if_replica_exists,
         } => {
             let (replica, concurrency) = resolve_target(&target).await?;
+            if dry_run() {
+                println!(
+                    "would restore {} from {} to {}",
+                    target.target,
+                    replica.location(),
+                    output.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let progress: Option<Arc<dyn restore::Progress>> =
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    .then(|| Arc::new(Bar::default()) as Arc<dyn restore::Progress>);
             let opts = RestoreOptions {
                 concurrency,
                 output: output.clone(),
@@ -167,6 +237,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 timestamp,
                 if_db_not_exists,
                 if_replica_exists,
+                progress,
             };
             match restore::restore(&replica, &opts).await? {
                 RestoreOutcome::OutputExists => {
@@ -223,6 +294,45 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// A terminal progress bar for restore: bytes of objects applied, and
+/// segments.
+#[derive(Debug, Default)]
+struct Bar {
+    bar: std::sync::OnceLock<indicatif::ProgressBar>,
+    segments: AtomicU64,
+    /// Objects applied, the snapshot first.
+    applied: AtomicU64,
+}
+
+impl restore::Progress for Bar {
+    fn begin(&self, segments: u64, bytes: u64) {
+        let bar = indicatif::ProgressBar::new(bytes);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "[{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(format!("snapshot, 0/{segments} segments"));
+        self.segments.store(segments, Ordering::Relaxed);
+        let _ = self.bar.set(bar);
+    }
+
+    fn applied(&self, bytes: u64) {
+        if let Some(bar) = self.bar.get() {
+            let n = self.applied.fetch_add(1, Ordering::Relaxed);
+            let total = self.segments.load(Ordering::Relaxed);
+            bar.inc(bytes);
+            bar.set_message(format!("{n}/{total} segments"));
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.get() {
+            bar.finish_with_message("applied; checking integrity");
+        }
+    }
+}
+
 fn fmt_ms(ms: i64) -> String {
     DateTime::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -264,16 +374,7 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
 
 /// Opens the storage behind a replica target.
 async fn open_replica(target: &ReplicaTarget) -> Result<Replica> {
-    let storage: DynStorage = match target {
-        ReplicaTarget::File { path } => Arc::new(FileStorage::new(path.clone())),
-        ReplicaTarget::S3(s3) => {
-            if s3.skip_verify {
-                tracing::warn!(replica = %target, "skip-verify is not supported; TLS certificates are verified");
-            }
-            Arc::new(S3Storage::new(s3).await)
-        }
-    };
-    Ok(Replica::new(storage))
+    Ok(Replica::new(storage::open(target).await))
 }
 
 /// Parallel downloads for restore: the replica's `concurrency`, else 8.
@@ -298,6 +399,7 @@ async fn resolve_target(t: &Target) -> Result<(Replica, usize)> {
             let first = db.replicas.first().ok_or_else(|| {
                 anyhow!("database {} has no replica in {}", t.target, cfg.display())
             })?;
+            let first = &first.target;
             return Ok((open_replica(first).await?, restore_concurrency(first)));
         }
     }
@@ -328,9 +430,10 @@ fn absolute(p: &Path) -> PathBuf {
 fn replicate_settings(
     config: Option<&Path>,
     db: Option<PathBuf>,
-    replicas: Vec<String>,
+    replicas: &[String],
+    exec: Option<String>,
 ) -> Result<Settings> {
-    match (config, db) {
+    let mut settings = match (config, db) {
         (Some(cfg), None) => load_settings(cfg),
         (Some(_), Some(_)) => bail!("give either --config or a database and replica, not both"),
         (None, None) => {
@@ -345,99 +448,29 @@ fn replicate_settings(
             }
             let targets = replicas
                 .iter()
-                .map(|r| ReplicaTarget::parse_url(r).map_err(|e| anyhow!("replica {r}: {e}")))
+                .map(|r| {
+                    ReplicaTarget::parse_url(r)
+                        .map(ReplicaSettings::new)
+                        .map_err(|e| anyhow!("replica {r}: {e}"))
+                })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Settings {
-                dbs: vec![DbSettings::with_defaults(db, targets)],
-                addr: None,
-                exec: None,
-                log_level: None,
-            })
+            Ok(Settings::single(DbSettings::with_defaults(db, targets)))
         }
+    }?;
+    if let Some(exec) = exec {
+        walstream::exec::split(&exec).context("--exec")?;
+        settings.exec = Some(exec);
     }
+    Ok(settings)
 }
 
-fn options(db: &DbSettings, target: &ReplicaTarget) -> ReplicateOptions {
-    let sync_interval = match target {
-        // Uploads cost money on S3: batch for up to a second by default.
-        ReplicaTarget::S3(s3) => s3.sync_interval.unwrap_or(Duration::from_secs(1)),
-        ReplicaTarget::File { .. } => Duration::ZERO,
-    };
-    ReplicateOptions {
-        sync_interval,
-        db: db.path.clone(),
-        monitor_interval: db.monitor_interval,
-        checkpoint_interval: db.checkpoint_interval,
-        min_checkpoint_page_count: db.min_checkpoint_page_count,
-        max_checkpoint_page_count: db.max_checkpoint_page_count,
-        snapshot_interval: db.snapshot_interval,
-        busy_timeout: db.busy_timeout,
-    }
-}
-
-/// Runs one replicator thread per (database, replica) until a signal or a
-/// failure, then stops them all after a final shipment.
+/// Runs the daemon: metrics endpoint, every replicator, the application.
 async fn replicate(settings: Settings) -> Result<ExitCode> {
-    let (done_tx, mut done_rx) =
-        tokio::sync::mpsc::unbounded_channel::<(String, walstream::Result<()>)>();
-    let mut controls = Vec::new();
-    let mut threads = Vec::new();
-    for db in &settings.dbs {
-        for target in &db.replicas {
-            let replica = open_replica(target).await?;
-            let opts = options(db, target);
-            let (tx, rx) = mpsc::channel();
-            controls.push(tx.clone());
-            let done = done_tx.clone();
-            let rt = Handle::current();
-            let name = format!("{} -> {}", db.path.display(), target);
-            threads.push(std::thread::spawn(move || {
-                let result = (|| {
-                    let Some(mut r) = Replicator::open(opts, replica, rt, &rx)? else {
-                        return Ok(());
-                    };
-                    r.start()?;
-                    r.run(rx, tx)
-                })();
-                let _ = done.send((name, result));
-            }));
-        }
+    let metrics = Arc::new(Metrics::new());
+    if let Some(addr) = &settings.addr {
+        server::serve(addr, metrics.clone()).await?;
     }
-    drop(done_tx);
-    let total = threads.len();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install SIGTERM handler")?;
-    let mut failed: Option<anyhow::Error> = None;
-    let mut finished = 0;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shipping and stopping"),
-        _ = sigterm.recv() => tracing::info!("terminated, shipping and stopping"),
-        Some((name, result)) = done_rx.recv() => {
-            finished += 1;
-            if let Err(e) = result {
-                failed = Some(anyhow!(e).context(name));
-            }
-        }
-    }
-    for c in &controls {
-        let _ = c.send(Control::Shutdown);
-    }
-    while finished < total {
-        match done_rx.recv().await {
-            Some((name, result)) => {
-                finished += 1;
-                if let Err(e) = result {
-                    failed.get_or_insert(anyhow!(e).context(name));
-                }
-            }
-            None => break,
-        }
-    }
-    for t in threads {
-        let _ = tokio::task::spawn_blocking(move || t.join()).await;
-    }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(ExitCode::SUCCESS),
-    }
+    let mut daemon = Daemon::new(settings, metrics)?;
+    daemon.start().await?;
+    Ok(ExitCode::from(daemon.run().await?))
 }

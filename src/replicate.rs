@@ -26,21 +26,25 @@
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use rusqlite::Connection;
 use tokio::runtime::Handle;
 
-use crate::checkpoint::{CheckpointPolicy, Checkpointer};
+use crate::checkpoint::{CheckpointPolicy, Checkpointer, Outcome};
 use crate::db;
 use crate::error::{Error, IoContext, Result};
 use crate::generation::{self, Manifest};
+use crate::metrics::{ReplicaStatus, State};
 use crate::replica::Replica;
 use crate::segment::{SegmentHeader, WalPoint};
 use crate::snapshot::{self, SnapshotHeader};
 use crate::wal::{self, WalCursor};
+use crate::watch::Watcher;
 
 /// Frames read into one segment before it is cut (at a commit boundary):
 /// bounds memory when the application outpaces uploads.
@@ -112,6 +116,9 @@ pub struct Replicator {
     state: Option<Shipping>,
     checkpointer: Checkpointer,
     last_upload: Option<Instant>,
+    /// WAL length read by the last round.
+    wal_len: u64,
+    status: Arc<ReplicaStatus>,
 }
 
 impl Replicator {
@@ -122,6 +129,7 @@ impl Replicator {
         replica: Replica,
         rt: Handle,
         control: &Receiver<Control>,
+        status: Arc<ReplicaStatus>,
     ) -> Result<Option<Replicator>> {
         db::check_directory(&opts.db)?;
         let mut waited = false;
@@ -137,6 +145,7 @@ impl Replicator {
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     if !waited {
                         tracing::info!(db = %opts.db.display(), "waiting for database to be created");
+                        status.set_state(State::Waiting);
                         waited = true;
                     }
                     match control.recv_timeout(opts.monitor_interval.min(Duration::from_secs(1))) {
@@ -172,6 +181,8 @@ impl Replicator {
             state: None,
             checkpointer,
             last_upload: None,
+            wal_len: 0,
+            status,
         }))
     }
 
@@ -196,8 +207,21 @@ impl Replicator {
     }
 
     /// Runs until `Control::Shutdown` (or the sender is dropped).
-    pub fn run(mut self, control: Receiver<Control>, wake: Sender<Control>) -> Result<()> {
-        let _watcher = self.watch(wake);
+    pub fn run(
+        mut self,
+        control: &Receiver<Control>,
+        wake: Sender<Control>,
+        watcher: &Arc<Watcher>,
+    ) -> Result<()> {
+        // Notifications only help when uploads may follow commits faster than
+        // the monitor interval polls; otherwise they would only cost a wake-up
+        // per commit. `armed` lets one write wake one round, no more.
+        let armed = Arc::new(AtomicBool::new(true));
+        let _watch = if self.opts.sync_interval < self.opts.monitor_interval {
+            watcher.watch(&self.wal, wake, armed.clone())
+        } else {
+            None
+        };
         if self.state.is_none() {
             self.start()?;
         }
@@ -208,7 +232,6 @@ impl Replicator {
                 Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => true,
                 Ok(Control::Wake) | Err(RecvTimeoutError::Timeout) => false,
             };
-            // Coalesce the burst of notifications one commit produces.
             while let Ok(m) = control.try_recv() {
                 shutdown |= m == Control::Shutdown;
             }
@@ -223,66 +246,45 @@ impl Replicator {
                     continue;
                 }
             }
+            // Any write after this point wakes the next round; writes before
+            // it are read by this one.
+            armed.store(true, Ordering::SeqCst);
+            let began = Utc::now().timestamp_millis();
             match self.tick() {
                 Ok(()) => {
                     backoff = self.opts.monitor_interval;
                     timeout = self.opts.monitor_interval;
+                    self.synced(began);
                 }
                 Err(e) if shutdown => {
                     self.release();
                     return Err(e);
                 }
                 Err(e) => {
-                    tracing::warn!(db = %self.db.display(), replica = %self.replica.location(), error = %e, retry_in = ?backoff, "replication failed, will retry");
+                    self.status.set_state(State::Failing);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "replication failed, will retry");
                     timeout = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
             if shutdown {
-                tracing::info!(db = %self.db.display(), "shipped everything committed, stopping");
+                tracing::info!("shipped everything committed, stopping");
                 self.release();
                 return Ok(());
             }
         }
     }
 
+    /// Records a round that shipped everything committed before `began`.
+    fn synced(&self, began: i64) {
+        let position = self.state.as_ref().map_or(0, |s| s.position);
+        self.status.set_state(State::Replicating);
+        self.status.synced(began, self.wal_len, position);
+    }
+
     fn release(&mut self) {
         for c in &self.conns {
             let _ = db::end_read(c, &self.db);
-        }
-    }
-
-    fn watch(&self, wake: Sender<Control>) -> Option<notify::RecommendedWatcher> {
-        use notify::Watcher;
-        let wal = self.wal.clone();
-        let handler = move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res {
-                // Only writes, creation and removal matter. Access, open and
-                // close events would include walstream's own reads of the WAL
-                // and wake it in a loop.
-                use notify::EventKind;
-                let relevant = matches!(
-                    ev.kind,
-                    EventKind::Modify(_) | EventKind::Create(_) | EventKind::Remove(_)
-                );
-                if relevant && ev.paths.iter().any(|p| p == &wal) {
-                    let _ = wake.send(Control::Wake);
-                }
-            }
-        };
-        let dir = self.db.parent().unwrap_or(Path::new("/")).to_path_buf();
-        match notify::recommended_watcher(handler) {
-            Ok(mut w) => match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
-                Ok(()) => Some(w),
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable, polling");
-                    None
-                }
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "file notifications unavailable, polling");
-                None
-            }
         }
     }
 
@@ -318,10 +320,12 @@ impl Replicator {
     /// Ships every whole transaction after the shipped position.
     fn sync(&mut self) -> Result<()> {
         let Some(mut file) = self.open_wal()? else {
+            self.wal_len = 0;
             return Ok(());
         };
         let header = wal::read_header(&mut file).io_ctx("read", &self.wal)?;
         let len = file.metadata().io_ctx("stat", &self.wal)?.len();
+        self.wal_len = len;
         let st = self.state.as_mut().expect("started");
         let start = match (header, st.cursor) {
             (None, Some(_)) => {
@@ -390,6 +394,7 @@ impl Replicator {
         let bytes = self
             .rt
             .block_on(self.replica.put_segment(&header, &committed.pages))?;
+        self.status.shipped_segment(bytes);
         tracing::debug!(
             db = %self.db.display(),
             generation = %header.generation,
@@ -422,17 +427,30 @@ impl Replicator {
             .map(|m| m.len().saturating_sub(wal::WAL_HEADER_SIZE) / frame_size)
             .unwrap_or(0);
         let idle = &self.conns[1 - self.active];
-        self.checkpointer
+        let outcome = self
+            .checkpointer
             .run(idle, &self.db, shipped_frames, file_frames)?;
+        self.count_checkpoint(outcome);
         if self.checkpointer.truncate_due() {
             // Move the read lock onto the now fully checkpointed WAL (SQLite
             // then gives it read mark 0, which does not stand in the way of a
             // TRUNCATE), shipping anything new first, and truncate at once.
             self.advance()?;
-            self.checkpointer
+            let outcome = self
+                .checkpointer
                 .truncate(&self.conns[1 - self.active], &self.db)?;
+            self.count_checkpoint(outcome);
         }
         Ok(())
+    }
+
+    fn count_checkpoint(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Passive { .. } => self.status.checkpoint("passive"),
+            Outcome::Truncated => self.status.checkpoint("truncate"),
+            Outcome::TruncateBusy => self.status.checkpoint("truncate_busy"),
+            Outcome::Skipped => {}
+        }
     }
 
     /// Takes a snapshot at the shipped position. The object is streamed
@@ -459,6 +477,7 @@ impl Replicator {
         let bytes = self
             .rt
             .block_on(self.replica.put_snapshot_file(&header, tmp.path()))?;
+        self.status.shipped_snapshot(bytes);
         tracing::info!(
             db = %self.db.display(),
             generation = %header.generation,

@@ -15,6 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
@@ -34,6 +35,17 @@ pub struct RestoreOptions {
     pub if_replica_exists: bool,
     /// Segments downloaded ahead of the one being applied (at least 1).
     pub concurrency: usize,
+    /// Told how far the restore has come.
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+/// Receives restore progress; the CLI draws a progress bar from it.
+pub trait Progress: Send + Sync + std::fmt::Debug {
+    /// The objects to read: the snapshot and `segments` segments, `bytes` in all.
+    fn begin(&self, segments: u64, bytes: u64);
+    /// One object (snapshot or segment) of `bytes` was applied.
+    fn applied(&self, bytes: u64);
+    fn finish(&self);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +124,27 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         );
     };
     let (snap_index, snap_ms) = snap;
+    let snap_bytes = gen
+        .snapshots
+        .iter()
+        .find(|s| s.0 == snap_index && s.1 == snap_ms)
+        .map_or(0, |s| s.2);
+    let todo: Vec<&(u64, u64)> = gen
+        .segments
+        .iter()
+        .filter(|&&(i, _)| i >= snap_index)
+        .collect();
+    if let Some(p) = &opts.progress {
+        p.begin(
+            todo.len() as u64,
+            snap_bytes + todo.iter().map(|s| s.1).sum::<u64>(),
+        );
+    }
+    let progress = |bytes: u64| {
+        if let Some(p) = &opts.progress {
+            p.applied(bytes);
+        }
+    };
 
     let name = output
         .file_name()
@@ -150,6 +183,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     };
     drop(image);
     drop(download);
+    progress(snap_bytes);
     if written != header.db_pages as u64 * ps {
         return Err(replica.bad(
             &layout::snapshot(&gen.id, snap_index, snap_ms),
@@ -162,12 +196,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     let mut db_pages = header.db_pages;
     let mut position = header.position;
     let mut applied = 0u64;
-    let indexes: Vec<u64> = gen
-        .segments
-        .iter()
-        .map(|&(i, _)| i)
-        .filter(|&i| i >= snap_index)
-        .collect();
+    let indexes: Vec<u64> = todo.iter().map(|&&(i, _)| i).collect();
     // Download up to `concurrency` segments ahead; apply strictly in order.
     let mut pending = std::collections::VecDeque::new();
     let mut next_fetch = 0usize;
@@ -221,6 +250,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         file.set_len(db_pages as u64 * ps)
             .io_ctx("truncate", &tmp)?;
         position = seg.header.last_position;
+        progress(todo[applied as usize].1);
         applied += 1;
     }
     file.set_len(db_pages as u64 * ps)
@@ -228,6 +258,9 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     file.sync_all().io_ctx("sync", &tmp)?;
     drop(file);
 
+    if let Some(p) = &opts.progress {
+        p.finish();
+    }
     check_database(&tmp, header.page_size)?;
     std::fs::rename(&tmp, output).io_ctx("rename into place", output)?;
     guard.armed = false;

@@ -15,6 +15,7 @@
 pub mod conformance;
 pub mod file;
 pub mod memory;
+pub mod metered;
 pub mod s3;
 
 use std::fmt;
@@ -25,6 +26,7 @@ use async_trait::async_trait;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use metered::Metered;
 pub use s3::S3Storage;
 
 /// An object found by `list`.
@@ -113,3 +115,17 @@ pub trait Storage: Send + Sync + fmt::Debug {
 }
 
 pub type DynStorage = Arc<dyn Storage>;
+
+/// Opens the backend a replica target names. Nothing is contacted yet.
+pub async fn open(target: &crate::config::ReplicaTarget) -> DynStorage {
+    use crate::config::ReplicaTarget;
+    match target {
+        ReplicaTarget::File { path } => Arc::new(FileStorage::new(path.clone())),
+        ReplicaTarget::S3(s3) => {
+            if s3.skip_verify {
+                tracing::warn!(replica = %target, "skip-verify is not supported; TLS certificates are verified");
+            }
+            Arc::new(S3Storage::new(s3).await)
+        }
+    }
+}

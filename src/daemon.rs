@@ -1,0 +1,435 @@
+//! The `replicate` process: many databases, many replicas, one application.
+//!
+//! Each (database, replica) pair is an independent worker on its own thread
+//! with its own read locks and its own view of what is shipped, so a replica
+//! that fails (storage down, disk full) retries on its own back-off while the
+//! others keep shipping. Only start-up is all or nothing: if any pair cannot
+//! start (bad database, unreachable storage), nothing is left running, no
+//! application is started, and the exit is non-zero, so a misconfiguration is
+//! seen at once rather than as a replica that silently never worked.
+//!
+//! `dir:` entries are rescanned every monitor interval; new databases get
+//! workers as they appear.
+//!
+//! With `exec`, the application starts once every pair has started, receives
+//! SIGINT, SIGTERM and SIGHUP as walstream does, and when it exits walstream
+//! ships what is committed and exits with the application's code.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+
+use crate::config::{DbSettings, DirSettings, ReplicaSettings, Settings};
+use crate::error::{Error, IoContext, Result};
+use crate::exec::App;
+use crate::metrics::{Metrics, ReplicaStatus, State};
+use crate::replica::Replica;
+use crate::replicate::{Control, ReplicateOptions, Replicator};
+use crate::storage::{self, Metered};
+use crate::watch::Watcher;
+
+/// The tunables of one pair, from its database's and replica's settings.
+pub fn options(db: &DbSettings, replica: &ReplicaSettings) -> ReplicateOptions {
+    ReplicateOptions {
+        sync_interval: replica.sync_interval,
+        db: db.path.clone(),
+        monitor_interval: db.monitor_interval,
+        checkpoint_interval: db.checkpoint_interval,
+        min_checkpoint_page_count: db.min_checkpoint_page_count,
+        max_checkpoint_page_count: db.max_checkpoint_page_count,
+        snapshot_interval: db.snapshot_interval,
+        busy_timeout: db.busy_timeout,
+    }
+}
+
+struct Worker {
+    name: String,
+    control: Sender<Control>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+/// Everything running in the process.
+pub struct Daemon {
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    watcher: Arc<Watcher>,
+    workers: Vec<Worker>,
+    /// Databases already being replicated (canonical paths).
+    known: HashSet<PathBuf>,
+    /// SIGINT, SIGTERM and SIGHUP, caught from the moment the daemon exists
+    /// (a signal during start-up must not kill it before it ships).
+    signals: tokio::sync::mpsc::UnboundedReceiver<i32>,
+}
+
+impl Daemon {
+    /// Must be called on the runtime; installs the signal handlers.
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Result<Daemon> {
+        let (tx, signals) = tokio::sync::mpsc::unbounded_channel();
+        for (kind, num) in [
+            (SignalKind::interrupt(), libc::SIGINT),
+            (SignalKind::terminate(), libc::SIGTERM),
+            (SignalKind::hangup(), libc::SIGHUP),
+        ] {
+            let mut stream = signal(kind).map_err(sig_err)?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if tx.send(num).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Daemon {
+            settings,
+            metrics,
+            watcher: Watcher::new(),
+            workers: Vec::new(),
+            known: HashSet::new(),
+            signals,
+        })
+    }
+
+    /// Starts every configured pair; fails (and stops what started) if any
+    /// cannot start.
+    pub async fn start(&mut self) -> Result<()> {
+        let mut dbs = self.settings.dbs.clone();
+        for d in &self.settings.dirs {
+            if !d.dir.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "dir {} does not exist or is not a directory",
+                    d.dir.display()
+                )));
+            }
+            dbs.extend(scan(d)?);
+        }
+        let mut pending = Vec::new();
+        for db in &dbs {
+            match self.spawn_db(db, true).await {
+                Ok(started) => pending.extend(started),
+                Err(e) => {
+                    self.stop().await;
+                    return Err(e);
+                }
+            }
+        }
+        let mut failure = None;
+        for (name, rx) in pending {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    failure.get_or_insert(Error::Invalid(format!("{name}: {e}")));
+                }
+                Err(_) => {
+                    failure.get_or_insert(Error::Invalid(format!("{name}: worker ended")));
+                }
+            }
+        }
+        if let Some(e) = failure {
+            self.stop().await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Starts workers for every replica of `db` unless it already has them.
+    /// With `report`, returns receivers that say when each has started.
+    async fn spawn_db(
+        &mut self,
+        db: &DbSettings,
+        report: bool,
+    ) -> Result<Vec<(String, oneshot::Receiver<Result<()>>)>> {
+        let key = std::fs::canonicalize(&db.path).unwrap_or_else(|_| absolute(&db.path));
+        if !self.known.insert(key) {
+            return Ok(Vec::new());
+        }
+        let mut started = Vec::new();
+        for rs in &db.replicas {
+            let name = format!("{} -> {}", db.path.display(), rs.target);
+            let max_lag = rs.sync_interval + db.monitor_interval + self.settings.ready_lag;
+            let status = self.metrics.replica(
+                &db.path.display().to_string(),
+                &rs.target.to_string(),
+                max_lag,
+            );
+            let storage = Metered::wrap(storage::open(&rs.target).await, status.clone());
+            let (tx, rx) = mpsc::channel();
+            let (ready_tx, ready_rx) = oneshot::channel();
+            let job = Job {
+                opts: options(db, rs),
+                replica: Replica::new(storage),
+                rt: Handle::current(),
+                status,
+                watcher: self.watcher.clone(),
+                wake: tx.clone(),
+                started: report.then_some(ready_tx),
+                db: db.path.display().to_string(),
+                target: rs.target.to_string(),
+            };
+            let thread = std::thread::Builder::new()
+                .name("replicate".into())
+                .spawn(move || job.run(rx))
+                .io_ctx("start thread for", &db.path)?;
+            self.workers.push(Worker {
+                name: name.clone(),
+                control: tx,
+                thread,
+            });
+            if report {
+                started.push((name, ready_rx));
+            }
+        }
+        Ok(started)
+    }
+
+    /// Picks up databases that appeared in `dir:` entries since the last call.
+    pub async fn rescan(&mut self) {
+        for d in self.settings.dirs.clone() {
+            match scan(&d) {
+                Ok(dbs) => {
+                    for db in dbs {
+                        if let Err(e) = self.spawn_db(&db, false).await {
+                            tracing::warn!(db = %db.path.display(), error = %e, "cannot start replicating");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(dir = %d.dir.display(), error = %e, "cannot scan"),
+            }
+        }
+    }
+
+    /// Ships what is committed everywhere and stops every worker. Returns the
+    /// first failure of a final shipment.
+    pub async fn stop(&mut self) -> Option<Error> {
+        for w in &self.workers {
+            let _ = w.control.send(Control::Shutdown);
+        }
+        let mut failure = None;
+        for w in self.workers.drain(..) {
+            let name = w.name;
+            let result = tokio::task::spawn_blocking(move || w.thread.join())
+                .await
+                .map_err(|e| Error::Invalid(e.to_string()))
+                .and_then(|j| j.map_err(|_| Error::Invalid("worker panicked".into())))
+                .and_then(|r| r);
+            if let Err(e) = result {
+                tracing::error!(replica = %name, error = %e, "final shipment failed");
+                failure.get_or_insert(Error::Invalid(format!("{name}: {e}")));
+            }
+        }
+        failure
+    }
+
+    /// Runs until a signal (or, with `exec`, until the application exits),
+    /// then ships and stops. Returns the process exit code.
+    pub async fn run(mut self) -> Result<u8> {
+        if let Ok(sig) = self.signals.try_recv() {
+            // Asked to stop while starting: do not start the application.
+            tracing::info!(signal = sig, "shipping and stopping");
+            return match self.stop().await {
+                Some(e) => Err(e),
+                None => Ok(0),
+            };
+        }
+        let mut app = match &self.settings.exec {
+            Some(cmd) => match App::spawn(cmd) {
+                Ok(app) => {
+                    tracing::info!(
+                        pid = app.pid(),
+                        program = app.program(),
+                        "started application"
+                    );
+                    Some(app)
+                }
+                Err(e) => {
+                    self.stop().await;
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let scan_every = self
+            .settings
+            .dirs
+            .iter()
+            .map(|d| d.template.monitor_interval)
+            .min()
+            .unwrap_or(Duration::from_secs(3600));
+        let mut scan = tokio::time::interval(scan_every);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let code = loop {
+            let forwarded = tokio::select! {
+                Some(sig) = self.signals.recv() => Some(sig),
+                code = wait_app(&mut app) => {
+                    let code = code?;
+                    tracing::info!(code, "application exited, shipping and stopping");
+                    break code;
+                }
+                _ = scan.tick(), if !self.settings.dirs.is_empty() => {
+                    self.rescan().await;
+                    None
+                }
+            };
+            if let Some(sig) = forwarded {
+                match &app {
+                    Some(a) => {
+                        tracing::info!(signal = sig, "forwarding signal to application");
+                        a.signal(sig);
+                    }
+                    None => {
+                        tracing::info!(signal = sig, "shipping and stopping");
+                        break 0;
+                    }
+                }
+            }
+        };
+        match self.stop().await {
+            // The application's failure is the more useful code; a clean
+            // exit with unshipped commits must still not look like success.
+            Some(e) if code == 0 => Err(e),
+            _ => Ok(code),
+        }
+    }
+}
+
+async fn wait_app(app: &mut Option<App>) -> Result<u8> {
+    match app {
+        Some(a) => a.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn sig_err(e: std::io::Error) -> Error {
+    Error::Invalid(format!("cannot install signal handler: {e}"))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::env::current_dir()
+        .map(|d| d.join(p))
+        .unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The databases in a `dir:` entry: files matching the pattern that start
+/// with SQLite's header. WAL, shared-memory and journal files, and hidden
+/// files (walstream's own restore temporaries among them), are skipped.
+pub fn scan(d: &DirSettings) -> Result<Vec<DbSettings>> {
+    let mut found = Vec::new();
+    let mut stack = vec![d.dir.clone()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).io_ctx("list", &dir)?;
+        for e in entries {
+            let e = e.io_ctx("list", &dir)?;
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                if d.recursive {
+                    stack.push(path);
+                }
+                continue;
+            }
+            if !ft.is_file()
+                || ["-wal", "-shm", "-journal"]
+                    .iter()
+                    .any(|s| name.ends_with(s))
+                || !d.pattern.matches(&name)
+                || !is_sqlite(&path)
+            {
+                continue;
+            }
+            found.extend(d.for_db(&path));
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(found)
+}
+
+fn is_sqlite(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map(|_| &magic == b"SQLite format 3\0")
+        .unwrap_or(false)
+}
+
+/// One (database, replica) worker.
+struct Job {
+    opts: ReplicateOptions,
+    replica: Replica,
+    rt: Handle,
+    status: Arc<ReplicaStatus>,
+    watcher: Arc<Watcher>,
+    wake: Sender<Control>,
+    /// Present until the first start is reported (start-up pairs only).
+    started: Option<oneshot::Sender<Result<()>>>,
+    db: String,
+    target: String,
+}
+
+impl Job {
+    /// Replicates until shut down; after a failure, starts over (reopening
+    /// the database and resuming the generation if the WAL still continues
+    /// it) with back-off. A failure before the first start is reported and
+    /// ends the worker.
+    fn run(mut self, control: Receiver<Control>) -> Result<()> {
+        let span = tracing::info_span!("replicate", db = %self.db, replica = %self.target);
+        let _enter = span.enter();
+        let mut backoff = self.opts.monitor_interval.max(Duration::from_millis(100));
+        loop {
+            match self.attempt(&control) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if let Some(tx) = self.started.take() {
+                        let _ = tx.send(Err(e));
+                        return Ok(());
+                    }
+                    self.status.set_state(State::Failing);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "replication failed, will restart");
+                    match control.recv_timeout(backoff) {
+                        Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
+                            return Err(e)
+                        }
+                        _ => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    fn attempt(&mut self, control: &Receiver<Control>) -> Result<()> {
+        crate::db::check_directory(&self.opts.db)?;
+        if !self.opts.db.exists() {
+            // The application will create it; that counts as started.
+            self.status.set_state(State::Waiting);
+            if let Some(tx) = self.started.take() {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        let Some(mut r) = Replicator::open(
+            self.opts.clone(),
+            self.replica.clone(),
+            self.rt.clone(),
+            control,
+            self.status.clone(),
+        )?
+        else {
+            return Ok(());
+        };
+        r.start()?;
+        if let Some(tx) = self.started.take() {
+            let _ = tx.send(Ok(()));
+        }
+        r.run(control, self.wake.clone(), &self.watcher)
+    }
+}

@@ -1,0 +1,401 @@
+//! What an operator can watch: Prometheus metrics, liveness and readiness.
+//!
+//! Every (database, replica) pair gets a [`ReplicaStatus`], a bundle of
+//! handles into one process-wide registry that the replicator updates as it
+//! works. The registry is rendered on `/metrics`; readiness is decided from
+//! the same statuses, so what `/readyz` says and what the graphs show cannot
+//! disagree.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    db: String,
+    replica: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    db: String,
+    replica: String,
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    db: String,
+    replica: String,
+    kind: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The process-wide registry.
+pub struct Metrics {
+    registry: Registry,
+    wal_size: Family<ReplicaLabels, Gauge>,
+    position: Family<ReplicaLabels, Gauge>,
+    lag: Family<ReplicaLabels, FloatGauge>,
+    last_sync: Family<ReplicaLabels, FloatGauge>,
+    up: Family<ReplicaLabels, Gauge>,
+    shipped_bytes: Family<ReplicaLabels, Counter>,
+    segments: Family<ReplicaLabels, Counter>,
+    snapshots: Family<ReplicaLabels, Counter>,
+    errors: Family<ReplicaLabels, Counter>,
+    checkpoints: Family<ModeLabels, Counter>,
+    requests: Family<KindLabels, Counter>,
+    request_errors: Family<KindLabels, Counter>,
+    replicas: Mutex<Vec<Arc<ReplicaStatus>>>,
+}
+
+/// Where a replicator stands, for readiness and the `up` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    Starting = 0,
+    /// The database does not exist yet: nothing is committed, nothing to ship.
+    Waiting = 1,
+    Replicating = 2,
+    /// The last attempt failed; retrying.
+    Failing = 3,
+}
+
+/// One (database, replica) pair's metrics and state.
+pub struct ReplicaStatus {
+    pub db: String,
+    pub replica: String,
+    /// Readiness allows this much time since the last complete sync.
+    max_lag: Duration,
+    state: AtomicU8,
+    /// Start of the last round after which everything committed before it
+    /// was shipped (ms since the epoch; 0 = never).
+    synced_at_ms: AtomicI64,
+    wal_size: Gauge,
+    position: Gauge,
+    lag: FloatGauge,
+    last_sync: FloatGauge,
+    up: Gauge,
+    shipped_bytes: Counter,
+    segments: Counter,
+    snapshots: Counter,
+    errors: Counter,
+    checkpoints: Family<ModeLabels, Counter>,
+    requests: Family<KindLabels, Counter>,
+    request_errors: Family<KindLabels, Counter>,
+}
+
+impl std::fmt::Debug for ReplicaStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaStatus")
+            .field("db", &self.db)
+            .field("replica", &self.replica)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("walstream");
+        let m = Metrics {
+            registry: Registry::default(),
+            wal_size: Family::default(),
+            position: Family::default(),
+            lag: Family::default(),
+            last_sync: Family::default(),
+            up: Family::default(),
+            shipped_bytes: Family::default(),
+            segments: Family::default(),
+            snapshots: Family::default(),
+            errors: Family::default(),
+            checkpoints: Family::default(),
+            requests: Family::default(),
+            request_errors: Family::default(),
+            replicas: Mutex::default(),
+        };
+        registry.register_with_unit(
+            "wal_size",
+            "Size of the database's WAL file",
+            Unit::Bytes,
+            m.wal_size.clone(),
+        );
+        registry.register(
+            "shipped_position",
+            "Frames of the current generation shipped to the replica",
+            m.position.clone(),
+        );
+        registry.register_with_unit(
+            "replication_lag",
+            "Time since the replica last held everything committed",
+            Unit::Seconds,
+            m.lag.clone(),
+        );
+        registry.register_with_unit(
+            "last_sync_timestamp",
+            "Unix time of the last complete sync",
+            Unit::Seconds,
+            m.last_sync.clone(),
+        );
+        registry.register(
+            "replica_up",
+            "1 while replicating (or waiting for the database to appear), 0 while failing",
+            m.up.clone(),
+        );
+        registry.register_with_unit(
+            "shipped",
+            "Bytes of segments and snapshots written to the replica",
+            Unit::Bytes,
+            m.shipped_bytes.clone(),
+        );
+        registry.register(
+            "segments",
+            "Segments written to the replica",
+            m.segments.clone(),
+        );
+        registry.register(
+            "snapshots",
+            "Snapshots written to the replica",
+            m.snapshots.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Failed replication rounds (retried)",
+            m.errors.clone(),
+        );
+        registry.register(
+            "checkpoints",
+            "Checkpoints run by walstream, by mode",
+            m.checkpoints.clone(),
+        );
+        registry.register(
+            "storage_requests",
+            "Storage requests, by kind",
+            m.requests.clone(),
+        );
+        registry.register(
+            "storage_request_errors",
+            "Failed storage requests, by kind",
+            m.request_errors.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Registers a (database, replica) pair. `max_lag` is how long after its
+    /// last complete sync it still counts as ready.
+    pub fn replica(&self, db: &str, replica: &str, max_lag: Duration) -> Arc<ReplicaStatus> {
+        let l = ReplicaLabels {
+            db: db.to_string(),
+            replica: replica.to_string(),
+        };
+        let status = Arc::new(ReplicaStatus {
+            db: l.db.clone(),
+            replica: l.replica.clone(),
+            max_lag,
+            state: AtomicU8::new(State::Starting as u8),
+            synced_at_ms: AtomicI64::new(0),
+            wal_size: self.wal_size.get_or_create(&l).clone(),
+            position: self.position.get_or_create(&l).clone(),
+            lag: self.lag.get_or_create(&l).clone(),
+            last_sync: self.last_sync.get_or_create(&l).clone(),
+            up: self.up.get_or_create(&l).clone(),
+            shipped_bytes: self.shipped_bytes.get_or_create(&l).clone(),
+            segments: self.segments.get_or_create(&l).clone(),
+            snapshots: self.snapshots.get_or_create(&l).clone(),
+            errors: self.errors.get_or_create(&l).clone(),
+            checkpoints: self.checkpoints.clone(),
+            requests: self.requests.clone(),
+            request_errors: self.request_errors.clone(),
+        });
+        self.replicas.lock().unwrap().push(status.clone());
+        status
+    }
+
+    /// The registry in Prometheus/OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let now = Utc::now().timestamp_millis();
+        for r in self.replicas.lock().unwrap().iter() {
+            r.lag.set(r.lag_at(now).as_secs_f64());
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// `Ok` when every replica is ready; otherwise one line per replica that
+    /// is not, saying why.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        let now = Utc::now().timestamp_millis();
+        let faults: Vec<String> = self
+            .replicas
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.not_ready(now))
+            .collect();
+        if faults.is_empty() {
+            Ok(())
+        } else {
+            Err(faults)
+        }
+    }
+}
+
+impl ReplicaStatus {
+    /// A status that belongs to no registry (library use and tests).
+    pub fn detached(db: &str, replica: &str) -> Arc<ReplicaStatus> {
+        Metrics::new().replica(db, replica, Duration::from_secs(10))
+    }
+
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Relaxed) {
+            1 => State::Waiting,
+            2 => State::Replicating,
+            3 => State::Failing,
+            _ => State::Starting,
+        }
+    }
+
+    pub fn set_state(&self, s: State) {
+        self.state.store(s as u8, Ordering::Relaxed);
+        self.up
+            .set(matches!(s, State::Waiting | State::Replicating) as i64);
+        if s == State::Failing {
+            self.errors.inc();
+        }
+    }
+
+    /// Everything committed at `at_ms` is on the replica.
+    pub fn synced(&self, at_ms: i64, wal_size: u64, position: u64) {
+        self.synced_at_ms.store(at_ms, Ordering::Relaxed);
+        self.last_sync.set(at_ms as f64 / 1000.0);
+        self.wal_size.set(wal_size as i64);
+        self.position.set(position as i64);
+    }
+
+    pub fn shipped_segment(&self, bytes: u64) {
+        self.segments.inc();
+        self.shipped_bytes.inc_by(bytes);
+    }
+
+    pub fn shipped_snapshot(&self, bytes: u64) {
+        self.snapshots.inc();
+        self.shipped_bytes.inc_by(bytes);
+    }
+
+    pub fn checkpoint(&self, mode: &str) {
+        let l = ModeLabels {
+            db: self.db.clone(),
+            replica: self.replica.clone(),
+            mode: mode.to_string(),
+        };
+        self.checkpoints.get_or_create(&l).inc();
+    }
+
+    /// One storage request of `kind` (put, get, list, delete).
+    pub fn request(&self, kind: &str, ok: bool) {
+        let l = self.kind(kind);
+        self.requests.get_or_create(&l).inc();
+        if !ok {
+            self.request_errors.get_or_create(&l).inc();
+        }
+    }
+
+    fn kind(&self, kind: &str) -> KindLabels {
+        KindLabels {
+            db: self.db.clone(),
+            replica: self.replica.clone(),
+            kind: kind.to_string(),
+        }
+    }
+
+    fn lag_at(&self, now_ms: i64) -> Duration {
+        match self.state() {
+            State::Waiting => Duration::ZERO,
+            _ => match self.synced_at_ms.load(Ordering::Relaxed) {
+                0 => Duration::ZERO,
+                t => Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64),
+            },
+        }
+    }
+
+    fn not_ready(&self, now_ms: i64) -> Option<String> {
+        let who = format!("{} -> {}", self.db, self.replica);
+        match self.state() {
+            State::Waiting => None,
+            State::Starting if self.synced_at_ms.load(Ordering::Relaxed) == 0 => {
+                Some(format!("{who}: starting"))
+            }
+            _ if self.synced_at_ms.load(Ordering::Relaxed) == 0 => {
+                Some(format!("{who}: never synced"))
+            }
+            _ => {
+                let lag = self.lag_at(now_ms);
+                (lag > self.max_lag).then(|| {
+                    format!(
+                        "{who}: last complete sync {:.1}s ago (allowed {:.1}s){}",
+                        lag.as_secs_f64(),
+                        self.max_lag.as_secs_f64(),
+                        if self.state() == State::Failing {
+                            ", failing"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_and_judges_readiness() {
+        let m = Metrics::new();
+        let r = m.replica("/data/app.db", "file:///backup", Duration::from_secs(5));
+        assert!(m.readiness().is_err(), "not ready before the first sync");
+        r.set_state(State::Replicating);
+        let now = Utc::now().timestamp_millis();
+        r.synced(now, 4096, 12);
+        r.shipped_segment(100);
+        r.checkpoint("passive");
+        r.request("put", true);
+        r.request("put", false);
+        assert!(m.readiness().is_ok());
+        let text = m.render();
+        for needle in [
+            "walstream_segments_total{db=\"/data/app.db\",replica=\"file:///backup\"} 1",
+            "walstream_wal_size_bytes{",
+            "walstream_shipped_position{",
+            "walstream_checkpoints_total{db=\"/data/app.db\",replica=\"file:///backup\",mode=\"passive\"} 1",
+            "walstream_storage_request_errors_total{db=\"/data/app.db\",replica=\"file:///backup\",kind=\"put\"} 1",
+            "walstream_storage_requests_total{db=\"/data/app.db\",replica=\"file:///backup\",kind=\"put\"} 2",
+            "walstream_replication_lag_seconds{",
+        ] {
+            assert!(text.contains(needle), "{needle} not in\n{text}");
+        }
+        r.synced(now - 6000, 4096, 12);
+        let faults = m.readiness().unwrap_err();
+        assert!(faults[0].contains("file:///backup"), "{faults:?}");
+        r.set_state(State::Waiting);
+        assert!(m.readiness().is_ok(), "a database not yet created is ready");
+    }
+}

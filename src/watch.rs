@@ -1,0 +1,179 @@
+//! File notifications, shared by every replicator in the process.
+//!
+//! One OS watcher per process rather than one per database: Linux allows a
+//! user 128 inotify instances by default, and one process may replicate
+//! hundreds of databases. Each directory is watched once; events are routed
+//! to the replicators registered for the file they name. When notifications
+//! are unavailable, registration fails and the replicator polls instead.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use notify::{EventKind, RecursiveMode, Watcher as _};
+
+use crate::replicate::Control;
+
+struct Target {
+    id: u64,
+    wake: Sender<Control>,
+    armed: Arc<AtomicBool>,
+}
+
+type Targets = Arc<Mutex<HashMap<PathBuf, Vec<Target>>>>;
+
+pub struct Watcher {
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    dirs: Mutex<HashMap<PathBuf, usize>>,
+    targets: Targets,
+    next_id: AtomicU64,
+}
+
+/// Keeps a file watched; dropping it stops the notifications.
+pub struct Registration {
+    watcher: Arc<Watcher>,
+    file: PathBuf,
+    dir: PathBuf,
+    id: u64,
+}
+
+impl Watcher {
+    pub fn new() -> Arc<Watcher> {
+        let targets: Targets = Arc::default();
+        let routes = targets.clone();
+        let handler = move |res: notify::Result<notify::Event>| {
+            let Ok(ev) = res else { return };
+            // Only writes, creation and removal matter. Access, open and
+            // close events include walstream's own reads of the WAL and would
+            // wake it in a loop.
+            if !matches!(
+                ev.kind,
+                EventKind::Modify(_) | EventKind::Create(_) | EventKind::Remove(_)
+            ) {
+                return;
+            }
+            let routes = routes.lock().unwrap();
+            for p in &ev.paths {
+                for t in routes.get(p).into_iter().flatten() {
+                    // One wake per round: the replicator re-arms before it
+                    // reads the file.
+                    if t.armed.swap(false, Ordering::SeqCst) {
+                        let _ = t.wake.send(Control::Wake);
+                    }
+                }
+            }
+        };
+        let watcher = match notify::recommended_watcher(handler) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "file notifications unavailable, polling");
+                None
+            }
+        };
+        Arc::new(Watcher {
+            watcher: Mutex::new(watcher),
+            dirs: Mutex::default(),
+            targets,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Sends `Control::Wake` to `wake` when `file` is written, created or
+    /// removed while `armed` is set (and clears it). `None` when the
+    /// directory cannot be watched: the caller polls.
+    pub fn watch(
+        self: &Arc<Self>,
+        file: &Path,
+        wake: Sender<Control>,
+        armed: Arc<AtomicBool>,
+    ) -> Option<Registration> {
+        let dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
+        {
+            let mut dirs = self.dirs.lock().unwrap();
+            let count = dirs.entry(dir.clone()).or_insert(0);
+            if *count == 0 {
+                let mut w = self.watcher.lock().unwrap();
+                let w = w.as_mut()?;
+                if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable, polling");
+                    dirs.remove(&dir);
+                    return None;
+                }
+            }
+            *count += 1;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.targets
+            .lock()
+            .unwrap()
+            .entry(file.to_path_buf())
+            .or_default()
+            .push(Target { id, wake, armed });
+        Some(Registration {
+            watcher: self.clone(),
+            file: file.to_path_buf(),
+            dir,
+            id,
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let w = &self.watcher;
+        {
+            let mut targets = w.targets.lock().unwrap();
+            if let Some(v) = targets.get_mut(&self.file) {
+                v.retain(|t| t.id != self.id);
+                if v.is_empty() {
+                    targets.remove(&self.file);
+                }
+            }
+        }
+        let mut dirs = w.dirs.lock().unwrap();
+        if let Some(count) = dirs.get_mut(&self.dir) {
+            *count -= 1;
+            if *count == 0 {
+                dirs.remove(&self.dir);
+                if let Some(n) = w.watcher.lock().unwrap().as_mut() {
+                    let _ = n.unwatch(&self.dir);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn routes_one_wake_per_arming_to_the_right_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a-wal"), dir.path().join("b-wal"));
+        let w = Watcher::new();
+        let (tx_a, rx_a) = std::sync::mpsc::channel();
+        let (tx_b, rx_b) = std::sync::mpsc::channel();
+        let armed_a = Arc::new(AtomicBool::new(true));
+        let armed_b = Arc::new(AtomicBool::new(true));
+        let _ra = w.watch(&a, tx_a, armed_a.clone()).unwrap();
+        let rb = w.watch(&b, tx_b, armed_b.clone()).unwrap();
+        for i in 0..5 {
+            std::fs::write(&a, format!("{i}")).unwrap();
+        }
+        assert_eq!(rx_a.recv_timeout(Duration::from_secs(5)), Ok(Control::Wake));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(rx_a.try_recv().is_err(), "one wake until re-armed");
+        assert!(rx_b.try_recv().is_err(), "b was not written");
+        armed_a.store(true, Ordering::SeqCst);
+        std::fs::write(&a, "again").unwrap();
+        assert_eq!(rx_a.recv_timeout(Duration::from_secs(5)), Ok(Control::Wake));
+        drop(rb);
+        std::fs::write(&b, "x").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(rx_b.try_recv().is_err(), "unregistered");
+    }
+}

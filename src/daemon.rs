@@ -99,6 +99,7 @@ impl Daemon {
     /// Starts every configured pair; fails (and stops what started) if any
     /// cannot start.
     pub async fn start(&mut self) -> Result<()> {
+        raise_open_file_limit();
         let mut dbs = self.settings.dbs.clone();
         for d in &self.settings.dirs {
             if !d.dir.is_dir() {
@@ -302,6 +303,27 @@ async fn wait_app(app: &mut Option<App>) -> Result<u8> {
     match app {
         Some(a) => a.wait().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Each database costs about five file descriptors (two connections, the
+/// WAL, shared memory); the usual soft limit of 1024 would cap a process at
+/// about 200 databases. Raise the soft limit to the hard one, as Go's runtime
+/// does for Litestream.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(from = old, to = lim.rlim_max, "raised open file limit");
+            }
+        }
     }
 }
 

@@ -51,6 +51,45 @@ pub mod layout {
         format!("{GENERATIONS}{generation}/segments/{index:016x}.segment")
     }
 
+    pub fn compacted_dir(generation: &str) -> String {
+        format!("{GENERATIONS}{generation}/compacted/")
+    }
+
+    /// A merged object of `level` covering segments `first..=last`, the last
+    /// of which was read at `timestamp_ms`: everything restore and compaction
+    /// plan with is in the key, so planning needs no downloads.
+    pub fn compacted(
+        generation: &str,
+        level: u8,
+        first: u64,
+        last: u64,
+        timestamp_ms: i64,
+    ) -> String {
+        format!(
+            "{GENERATIONS}{generation}/compacted/{level}/{first:016x}-{last:016x}-{timestamp_ms:013}.segment"
+        )
+    }
+
+    /// Parses `.../compacted/<level>/<first>-<last>-<millis>.segment`.
+    pub fn parse_compacted(key: &str) -> Option<(u8, u64, u64, i64)> {
+        let mut parts = key.rsplit('/');
+        let name = parts.next()?;
+        let level: u8 = parts.next()?.parse().ok()?;
+        if parts.next()? != "compacted" || level == 0 {
+            return None;
+        }
+        let stem = name.strip_suffix(".segment")?;
+        let mut f = stem.split('-');
+        let (first, last, ms) = (f.next()?, f.next()?, f.next()?);
+        if first.len() != 16 || last.len() != 16 || f.next().is_some() {
+            return None;
+        }
+        let first = u64::from_str_radix(first, 16).ok()?;
+        let last = u64::from_str_radix(last, 16).ok()?;
+        (first <= last).then_some(())?;
+        Some((level, first, last, ms.parse().ok()?))
+    }
+
     /// Parses `<16 hex>.<ext>` at the end of a key.
     pub fn parse_index(key: &str, ext: &str) -> Option<u64> {
         let name = key.rsplit('/').next()?;

@@ -20,6 +20,18 @@ pub struct GenerationListing {
     pub snapshots: Vec<(u64, i64, u64)>,
     /// (index, size) sorted by index.
     pub segments: Vec<(u64, u64)>,
+    /// Merged objects (level 1 and up), sorted by level, then first index.
+    pub compacted: Vec<Compacted>,
+}
+
+/// A merged object as listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Compacted {
+    pub level: u8,
+    pub first: u64,
+    pub last: u64,
+    pub timestamp_ms: i64,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -62,12 +74,24 @@ impl Replica {
                 if let Some(index) = layout::parse_index(&obj.key, "segment") {
                     g.segments.push((index, obj.size));
                 }
+            } else if obj.key.starts_with(&layout::compacted_dir(id)) {
+                if let Some((level, first, last, timestamp_ms)) = layout::parse_compacted(&obj.key)
+                {
+                    g.compacted.push(Compacted {
+                        level,
+                        first,
+                        last,
+                        timestamp_ms,
+                        size: obj.size,
+                    });
+                }
             }
         }
         let mut out: Vec<_> = gens.into_values().collect();
         for g in &mut out {
             g.snapshots.sort();
             g.segments.sort();
+            g.compacted.sort();
         }
         Ok(out)
     }
@@ -142,6 +166,49 @@ impl Replica {
             return Err(self.bad(&key, "header does not match its key"));
         }
         Ok(seg)
+    }
+
+    /// Uploads a merged object (its header says level and range).
+    pub async fn put_compacted(&self, seg: &Segment) -> Result<(String, u64)> {
+        let h = &seg.header;
+        let key = layout::compacted(
+            &h.generation,
+            h.level,
+            h.index,
+            h.last_index(),
+            h.timestamp_ms,
+        );
+        let data = segment::encode(h, &seg.pages);
+        let len = data.len() as u64;
+        self.storage.put(&key, data).await?;
+        Ok((key, len))
+    }
+
+    /// Downloads and verifies a merged object against its key.
+    pub async fn get_compacted(&self, generation: &str, c: &Compacted) -> Result<Segment> {
+        let key = layout::compacted(generation, c.level, c.first, c.last, c.timestamp_ms);
+        let data = self.get(&key).await?;
+        let seg = segment::decode(&data).map_err(|source| Error::Corrupt {
+            location: self.location(),
+            key: key.clone(),
+            source,
+        })?;
+        let h = &seg.header;
+        if h.generation != generation
+            || h.level != c.level
+            || h.index != c.first
+            || h.last_index() != c.last
+            || h.timestamp_ms != c.timestamp_ms
+        {
+            return Err(self.bad(&key, "header does not match its key"));
+        }
+        Ok(seg)
+    }
+
+    /// Removes one object (missing is fine).
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.storage.delete(key).await?;
+        Ok(())
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>> {

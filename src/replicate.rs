@@ -426,6 +426,10 @@ impl Replicator {
             transactions: committed.transactions,
             page_count: committed.pages.len() as u64,
             wal: WalPoint::from_cursor(&end),
+            level: 0,
+            last_index: None,
+            min_db_pages: None,
+            first_timestamp_ms: None,
         };
         let started = Instant::now();
         self.last_upload = Some(started);

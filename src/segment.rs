@@ -72,6 +72,39 @@ pub struct SegmentHeader {
     pub page_count: u64,
     /// WAL position just after the last commit frame in the segment.
     pub wal: WalPoint,
+    /// Compaction level: 0 for a segment as shipped, 1.. for a merge of
+    /// consecutive lower-level objects (see FORMAT.md, "Compaction").
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub level: u8,
+    /// Index of the last segment this object covers (`index` for level 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_index: Option<u64>,
+    /// Smallest database size (pages) at any commit inside the object; pages
+    /// above it were truncated away and must be cut before the body is
+    /// applied. Absent: `db_pages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_db_pages: Option<u32>,
+    /// Time of the first segment covered (level 1 and up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_timestamp_ms: Option<i64>,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
+impl SegmentHeader {
+    pub fn last_index(&self) -> u64 {
+        self.last_index.unwrap_or(self.index)
+    }
+
+    pub fn min_db_pages(&self) -> u32 {
+        self.min_db_pages.unwrap_or(self.db_pages)
+    }
+
+    pub fn first_timestamp_ms(&self) -> i64 {
+        self.first_timestamp_ms.unwrap_or(self.timestamp_ms)
+    }
 }
 
 /// A decoded segment.
@@ -94,6 +127,67 @@ pub fn encode(header: &SegmentHeader, pages: &BTreeMap<u32, Vec<u8>>) -> Vec<u8>
         Ok(())
     })
     .expect("encoding to memory cannot fail")
+}
+
+/// Merges consecutive objects (in order, positions chaining) into one of
+/// `level`: the newest version of each page, with pages dropped whenever a
+/// later commit truncated the database below them, so that applying the
+/// result (cut to `min_db_pages`, write the pages, set the size to
+/// `db_pages`) leaves exactly the bytes applying each input in turn would.
+pub fn merge(parts: &[Segment], level: u8) -> Result<Segment, String> {
+    let first = &parts.first().ok_or("nothing to merge")?.header;
+    let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    let mut min_db_pages = u32::MAX;
+    let mut position = first.first_position;
+    let mut next_index = first.index;
+    let mut transactions = 0;
+    for p in parts {
+        let h = &p.header;
+        if h.generation != first.generation || h.page_size != first.page_size {
+            return Err(format!(
+                "segment {} is from another generation or page size",
+                h.index
+            ));
+        }
+        if h.index != next_index || h.first_position != position {
+            return Err(format!(
+                "segment {} does not follow {} (position {} vs {position})",
+                h.index,
+                next_index.saturating_sub(1),
+                h.first_position
+            ));
+        }
+        // An input that is itself a merge cuts first, then writes.
+        pages.retain(|&pgno, _| pgno <= h.min_db_pages());
+        for (&pgno, page) in &p.pages {
+            if pgno <= h.db_pages {
+                pages.insert(pgno, page.clone());
+            }
+        }
+        pages.retain(|&pgno, _| pgno <= h.db_pages);
+        min_db_pages = min_db_pages.min(h.min_db_pages());
+        position = h.last_position;
+        next_index = h.last_index() + 1;
+        transactions += h.transactions;
+    }
+    let last = &parts.last().expect("non-empty").header;
+    let header = SegmentHeader {
+        generation: first.generation.clone(),
+        index: first.index,
+        first_position: first.first_position,
+        last_position: last.last_position,
+        page_size: first.page_size,
+        db_pages: last.db_pages,
+        timestamp_ms: last.timestamp_ms,
+        transactions,
+        page_count: pages.len() as u64,
+        wal: last.wal,
+        level,
+        last_index: Some(last.last_index()),
+        min_db_pages: Some(min_db_pages),
+        first_timestamp_ms: Some(first.first_timestamp_ms()),
+    };
+    Ok(Segment { header, pages })
 }
 
 /// Decodes and fully verifies a segment.

@@ -115,12 +115,14 @@ fn exec_exit_code_passes_through_after_final_shipment() {
         ),
     );
     let stop = dir.path().join("stop");
-    let script = format!(
-        "while [ ! -e '{}' ]; do sleep 0.05; done; exit 4",
+    // `exec:` in the config this time (the other tests use --exec).
+    let exec = format!(
+        "exec: \"sh -c 'while [ ! -e {} ]; do sleep 0.05; done; exit 4'\"\n",
         stop.display()
     );
-    let exec = format!("sh -c \"{script}\"");
-    let mut r = Replicating::start(&["--config", cfg.to_str().unwrap(), "--exec", &exec]);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, exec + &text).unwrap();
+    let mut r = Replicating::start(&["--config", cfg.to_str().unwrap()]);
     r.wait_for("started application", Duration::from_secs(20));
     insert_rows(&db, 10, 500);
     std::fs::write(&stop, "").unwrap();
@@ -411,4 +413,41 @@ fn restore_is_quiet_when_not_a_terminal() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+#[test]
+fn restore_shows_progress_on_a_terminal() {
+    // util-linux `script` gives the restore a pseudo-terminal.
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: no `script` command to provide a terminal");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db");
+    let replica = dir.path().join("r");
+    insert_rows(&db, 0, 50);
+    let w = Replicating::db(&db, &replica);
+    insert_rows(&db, 50, 100);
+    w.wait_quiet();
+    w.stop();
+    let out = dir.path().join("out.db");
+    let cmd = format!(
+        "{} restore -o {} {}",
+        bin().display(),
+        out.display(),
+        replica.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("segments") || text.contains("checking integrity"),
+        "{text}"
+    );
+    assert!(text.contains("applied; checking integrity"), "{text}");
+    integrity_ok(&out);
 }

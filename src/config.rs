@@ -74,11 +74,19 @@ pub struct Config {
     pub logging: Option<LoggingConfig>,
     pub mcp_addr: Option<String>,
     pub snapshot: Option<GlobalSnapshotConfig>,
-    pub levels: Option<serde_yaml::Value>,
+    /// Compaction levels, finest first (default 5m, 1h).
+    pub levels: Option<Vec<LevelConfig>>,
     /// `/readyz` allows this much time past a replica's sync-interval since
     /// its last complete sync (default 10s).
     #[serde(default, deserialize_with = "duration")]
     pub ready_lag: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LevelConfig {
+    #[serde(default, deserialize_with = "duration")]
+    pub interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -152,6 +160,8 @@ pub struct Settings {
     pub log_level: Option<String>,
     pub log_format: LogFormat,
     pub ready_lag: Duration,
+    /// Compaction levels' intervals, finest first.
+    pub levels: Vec<Duration>,
 }
 
 impl Settings {
@@ -165,8 +175,14 @@ impl Settings {
             log_level: None,
             log_format: LogFormat::Text,
             ready_lag: Duration::from_secs(10),
+            levels: default_levels(),
         }
     }
+}
+
+/// Compaction every 5 minutes, then every hour.
+pub fn default_levels() -> Vec<Duration> {
+    vec![Duration::from_secs(300), Duration::from_secs(3600)]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,7 +224,6 @@ pub struct DbSettings {
     pub min_checkpoint_page_count: u64,
     pub max_checkpoint_page_count: u64,
     pub snapshot_interval: Duration,
-    pub retention: Option<Duration>,
     pub busy_timeout: Duration,
 }
 
@@ -222,7 +237,6 @@ impl DbSettings {
             min_checkpoint_page_count: 1000,
             max_checkpoint_page_count: 10_000,
             snapshot_interval: Duration::from_secs(24 * 3600),
-            retention: None,
             busy_timeout: Duration::from_secs(5),
         }
     }
@@ -234,6 +248,12 @@ pub struct ReplicaSettings {
     pub target: ReplicaTarget,
     /// Minimum time between two uploads.
     pub sync_interval: Duration,
+    /// Every point this far back stays restorable (default 24h).
+    pub retention: Duration,
+    /// How often retention (and compaction) runs (default 1h).
+    pub retention_check_interval: Duration,
+    /// How often the daemon verifies the replica (default: never).
+    pub validation_interval: Option<Duration>,
 }
 
 impl ReplicaSettings {
@@ -247,6 +267,9 @@ impl ReplicaSettings {
         ReplicaSettings {
             target,
             sync_interval,
+            retention: Duration::from_secs(24 * 3600),
+            retention_check_interval: Duration::from_secs(3600),
+            validation_interval: None,
         }
     }
 }
@@ -572,6 +595,16 @@ impl Config {
                 if let Some(v) = r.sync_interval {
                     rs.sync_interval = v;
                 }
+                if let Some(v) = r.retention.or(global_snapshot.retention) {
+                    if v.is_zero() {
+                        return Err(invalid(format!("{rat}: retention must be positive")));
+                    }
+                    rs.retention = v;
+                }
+                if let Some(v) = r.retention_check_interval {
+                    rs.retention_check_interval = v.max(Duration::from_millis(100));
+                }
+                rs.validation_interval = r.validation_interval.filter(|v| !v.is_zero());
                 s.replicas.push(rs);
                 if let Some(v) = r
                     .snapshot_interval
@@ -580,7 +613,6 @@ impl Config {
                 {
                     s.snapshot_interval = v;
                 }
-                s.retention = r.retention.or(global_snapshot.retention).or(s.retention);
             }
             if s.snapshot_interval.is_zero() {
                 return Err(invalid(format!("{at}: snapshot-interval must be positive")));
@@ -615,7 +647,20 @@ impl Config {
         if let Some(addr) = &self.addr {
             crate::server::parse_addr(addr).map_err(|e| invalid(e.to_string()))?;
         }
+        let levels = match &self.levels {
+            None => default_levels(),
+            Some(ls) => ls
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    l.interval
+                        .ok_or_else(|| invalid(format!("levels[{i}]: missing interval")))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        crate::compact::validate_levels(&levels).map_err(invalid)?;
         Ok(Settings {
+            levels,
             dbs,
             dirs,
             addr: self.addr.clone(),

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::config::{DbSettings, DirSettings, ReplicaSettings, Settings};
 use crate::error::{Error, IoContext, Result};
@@ -52,6 +53,8 @@ struct Worker {
     name: String,
     control: Sender<Control>,
     thread: std::thread::JoinHandle<Result<()>>,
+    /// Compaction, retention and validation of this replica.
+    maintenance: tokio::task::JoinHandle<()>,
 }
 
 /// Everything running in the process.
@@ -162,9 +165,24 @@ impl Daemon {
             let storage = Metered::wrap(storage::open(&rs.target).await, status.clone());
             let (tx, rx) = mpsc::channel();
             let (ready_tx, ready_rx) = oneshot::channel();
+            let replica = Replica::new(storage);
+            let maintenance = tokio::spawn(
+                maintain(
+                    replica.clone(),
+                    status.clone(),
+                    db.path.clone(),
+                    rs.clone(),
+                    self.settings.levels.clone(),
+                )
+                .instrument(tracing::info_span!(
+                    "maintain",
+                    db = %db.path.display(),
+                    replica = %rs.target
+                )),
+            );
             let job = Job {
                 opts: options(db, rs),
-                replica: Replica::new(storage),
+                replica,
                 rt: Handle::current(),
                 status,
                 watcher: self.watcher.clone(),
@@ -181,6 +199,7 @@ impl Daemon {
                 name: name.clone(),
                 control: tx,
                 thread,
+                maintenance,
             });
             if report {
                 started.push((name, ready_rx));
@@ -209,6 +228,7 @@ impl Daemon {
     /// first failure of a final shipment.
     pub async fn stop(&mut self) -> Option<Error> {
         for w in &self.workers {
+            w.maintenance.abort();
             let _ = w.control.send(Control::Shutdown);
         }
         let mut failure = None;
@@ -295,6 +315,81 @@ impl Daemon {
             // exit with unshipped commits must still not look like success.
             Some(e) if code == 0 => Err(e),
             _ => Ok(code),
+        }
+    }
+}
+
+/// Compaction (every `levels[0]`), retention (every retention-check-interval)
+/// and validation (every validation-interval) of one replica, off the
+/// replicator's thread so they never delay shipping. Each is crash-safe on
+/// its own (see `compact`, `retention`), so being cut off at shutdown is fine.
+async fn maintain(
+    replica: Replica,
+    status: Arc<ReplicaStatus>,
+    db: PathBuf,
+    rs: ReplicaSettings,
+    levels: Vec<Duration>,
+) {
+    let compact_every = levels.first().copied();
+    let every = [
+        compact_every,
+        Some(rs.retention_check_interval),
+        rs.validation_interval,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .unwrap_or(rs.retention_check_interval);
+    let start = tokio::time::Instant::now();
+    let (mut compacted, mut pruned, mut validated) = (start, start, start);
+    loop {
+        tokio::time::sleep(every).await;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if compact_every.is_some_and(|c| compacted.elapsed() >= c) {
+            compacted = tokio::time::Instant::now();
+            match crate::compact::compact(&replica, &levels, now_ms).await {
+                Ok(r) => status.compacted(r.created.iter().sum::<usize>() as u64, r.deleted as u64),
+                Err(e) => tracing::warn!(error = %e, "compaction failed, will retry"),
+            }
+        }
+        if pruned.elapsed() >= rs.retention_check_interval {
+            pruned = tokio::time::Instant::now();
+            match crate::retention::prune(&replica, rs.retention, now_ms).await {
+                Ok(n) => status.pruned(n as u64),
+                Err(e) => tracing::warn!(error = %e, "retention failed, will retry"),
+            }
+        }
+        if rs
+            .validation_interval
+            .is_some_and(|v| validated.elapsed() >= v)
+        {
+            validated = tokio::time::Instant::now();
+            let tmp = match tempfile::tempdir() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(error = %e, "validation: no temporary directory");
+                    continue;
+                }
+            };
+            let live = db.exists().then_some(db.as_path());
+            match crate::verify::verify(&replica, live, tmp.path()).await {
+                Ok(report) => {
+                    status.validated(report.faults.is_empty());
+                    for f in &report.faults {
+                        tracing::error!(fault = %f, "validation fault");
+                    }
+                    if let Some(m) = &report.not_compared {
+                        tracing::info!(reason = %m, "validation: live content not compared");
+                    }
+                    if report.faults.is_empty() {
+                        tracing::info!(objects = report.objects, compared_at = ?report.compared_at, "validation ok");
+                    }
+                }
+                Err(e) => {
+                    status.validated(false);
+                    tracing::warn!(error = %e, "validation could not run");
+                }
+            }
         }
     }
 }

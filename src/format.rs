@@ -93,7 +93,7 @@ pub fn decode_file<H: DeserializeOwned>(
     magic: &[u8; 8],
     kind: &'static str,
     path: &Path,
-) -> Result<(H, Box<dyn Read>), FormatError> {
+) -> Result<(H, Box<dyn Read + Send>), FormatError> {
     let io_err = |e: io::Error| FormatError::Body(format!("{}: {e}", path.display()));
     let mut f = File::open(path).map_err(io_err)?;
     let len = f.metadata().map_err(io_err)?.len();

@@ -9,13 +9,16 @@
 //! * [`snapshot`], [`segment`], [`generation`] and [`format`] define what is
 //!   stored (see FORMAT.md);
 //! * [`replica`] maps those onto object keys in a [`storage`] backend;
-//! * [`restore`] rebuilds a database from a replica;
+//! * [`restore`] rebuilds a database from a replica; [`compact`] merges old
+//!   segments so restores stay fast, [`retention`] prunes what no restore
+//!   needs, and [`verify`] proves a replica restores;
 //! * [`config`] reads Litestream-compatible YAML configuration;
 //! * [`daemon`] runs many replicators in one process, with [`exec`] for a
 //!   wrapped application, [`watch`] for shared file notifications, and
 //!   [`metrics`] and [`server`] for what operators watch.
 
 pub mod checkpoint;
+pub mod compact;
 pub mod config;
 pub mod daemon;
 pub mod db;
@@ -27,10 +30,12 @@ pub mod metrics;
 pub mod replica;
 pub mod replicate;
 pub mod restore;
+pub mod retention;
 pub mod segment;
 pub mod server;
 pub mod snapshot;
 pub mod storage;
+pub mod verify;
 pub mod wal;
 pub mod watch;
 

@@ -89,6 +89,13 @@ enum Command {
         #[arg(long)]
         generation: Option<String>,
     },
+    /// Verify a replica: every object's checksum, each generation's
+    /// continuity, a test restore with integrity check, and (when the target
+    /// names a database in --config) the restored content against it.
+    Verify {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print the version.
     Version,
 }
@@ -217,7 +224,7 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
             if_db_not_exists,
             if_replica_exists,
         } => {
-            let (replica, concurrency) = resolve_target(&target).await?;
+            let (replica, concurrency, _) = resolve_target(&target).await?;
             if dry_run() {
                 println!(
                     "would restore {} from {} to {}",
@@ -252,18 +259,52 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
                     segments,
                     position,
                     db_pages,
+                    ..
                 } => {
                     tracing::info!(output = %output.display(), %generation, snapshot_index, segments, position, db_pages, "restored");
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Verify { target } => {
+            let (replica, _, db) = resolve_target(&target).await?;
+            let tmp = tempfile::tempdir().context("create a temporary directory")?;
+            let report = walstream::verify::verify(&replica, db.as_deref(), tmp.path()).await?;
+            for f in &report.faults {
+                println!("fault: {f}");
+            }
+            if let Some(m) = &report.not_compared {
+                println!("fault: {m}");
+            }
+            println!(
+                "{} generations, {} objects checked in {}",
+                report.generations,
+                report.objects,
+                replica.location()
+            );
+            if let Some((g, pos, ms)) = &report.restored {
+                println!(
+                    "restored generation {g} to position {pos} ({}): integrity ok",
+                    fmt_ms(*ms)
+                );
+            }
+            if let (Some(at), Some(db)) = (report.compared_at, &db) {
+                println!("content equals {} at WAL offset {at}", db.display());
+            }
+            if report.ok() {
+                println!("ok");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("FAILED");
+                Ok(ExitCode::FAILURE)
+            }
+        }
         Command::Generations { target } => {
-            let (replica, _) = resolve_target(&target).await?;
+            let (replica, _, _) = resolve_target(&target).await?;
             list_generations(&replica).await
         }
         Command::Snapshots { target, generation } => {
-            let (replica, _) = resolve_target(&target).await?;
+            let (replica, _, _) = resolve_target(&target).await?;
             println!(
                 "{:<22} {:>8} {:>12} {:<25}",
                 "generation", "index", "size", "created"
@@ -279,7 +320,7 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Segments { target, generation } => {
-            let (replica, _) = resolve_target(&target).await?;
+            let (replica, _, _) = resolve_target(&target).await?;
             println!("{:<22} {:>8} {:>12}", "generation", "index", "size");
             for g in replica.generations().await? {
                 if generation.as_ref().is_some_and(|id| *id != g.id) {
@@ -391,21 +432,46 @@ fn load_settings(path: &Path) -> Result<Settings> {
 }
 
 /// Resolves the positional argument of restore/list commands to a replica.
-async fn resolve_target(t: &Target) -> Result<(Replica, usize)> {
+/// Resolves the positional argument of restore/list/verify commands to a
+/// replica (the database's first one when it names a database in the
+/// config, including one under a `dir:` entry) and, then, the database.
+async fn resolve_target(t: &Target) -> Result<(Replica, usize, Option<PathBuf>)> {
     if let Some(cfg) = &t.config {
         let settings = load_settings(cfg)?;
         let wanted = absolute(Path::new(&t.target));
-        if let Some(db) = settings.dbs.iter().find(|d| absolute(&d.path) == wanted) {
+        let db = settings
+            .dbs
+            .iter()
+            .find(|d| absolute(&d.path) == wanted)
+            .cloned()
+            .or_else(|| {
+                settings.dirs.iter().find_map(|d| {
+                    let dir = absolute(&d.dir);
+                    wanted.strip_prefix(&dir).ok()?;
+                    let mut s = d.for_db(&dir.join(wanted.strip_prefix(&dir).ok()?))?;
+                    s.path = PathBuf::from(&t.target);
+                    Some(s)
+                })
+            });
+        if let Some(db) = db {
             let first = db.replicas.first().ok_or_else(|| {
                 anyhow!("database {} has no replica in {}", t.target, cfg.display())
             })?;
             let first = &first.target;
-            return Ok((open_replica(first).await?, restore_concurrency(first)));
+            return Ok((
+                open_replica(first).await?,
+                restore_concurrency(first),
+                Some(db.path.clone()),
+            ));
         }
     }
     let target =
         ReplicaTarget::parse_url(&t.target).map_err(|e| anyhow!("replica {}: {e}", t.target))?;
-    Ok((open_replica(&target).await?, restore_concurrency(&target)))
+    Ok((
+        open_replica(&target).await?,
+        restore_concurrency(&target),
+        None,
+    ))
 }
 
 fn absolute(p: &Path) -> PathBuf {

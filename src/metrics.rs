@@ -54,6 +54,10 @@ pub struct Metrics {
     checkpoints: Family<ModeLabels, Counter>,
     requests: Family<KindLabels, Counter>,
     request_errors: Family<KindLabels, Counter>,
+    compacted: Family<ReplicaLabels, Counter>,
+    pruned: Family<ReplicaLabels, Counter>,
+    validation_ok: Family<ReplicaLabels, Gauge>,
+    validation_time: Family<ReplicaLabels, FloatGauge>,
     replicas: Mutex<Vec<Arc<ReplicaStatus>>>,
 }
 
@@ -88,6 +92,10 @@ pub struct ReplicaStatus {
     segments: Counter,
     snapshots: Counter,
     errors: Counter,
+    compacted: Counter,
+    pruned: Counter,
+    validation_ok: Gauge,
+    validation_time: FloatGauge,
     checkpoints: Family<ModeLabels, Counter>,
     requests: Family<KindLabels, Counter>,
     request_errors: Family<KindLabels, Counter>,
@@ -126,8 +134,33 @@ impl Metrics {
             checkpoints: Family::default(),
             requests: Family::default(),
             request_errors: Family::default(),
+            compacted: Family::default(),
+            pruned: Family::default(),
+            validation_ok: Family::default(),
+            validation_time: Family::default(),
             replicas: Mutex::default(),
         };
+        registry.register(
+            "compacted_objects",
+            "Merged objects written by compaction",
+            m.compacted.clone(),
+        );
+        registry.register(
+            "pruned_objects",
+            "Objects deleted by retention and compaction",
+            m.pruned.clone(),
+        );
+        registry.register(
+            "validation_ok",
+            "1 if the last validation found no fault, 0 otherwise",
+            m.validation_ok.clone(),
+        );
+        registry.register_with_unit(
+            "validation_timestamp",
+            "Unix time of the last validation",
+            Unit::Seconds,
+            m.validation_time.clone(),
+        );
         registry.register_with_unit(
             "wal_size",
             "Size of the database's WAL file",
@@ -217,6 +250,10 @@ impl Metrics {
             segments: self.segments.get_or_create(&l).clone(),
             snapshots: self.snapshots.get_or_create(&l).clone(),
             errors: self.errors.get_or_create(&l).clone(),
+            compacted: self.compacted.get_or_create(&l).clone(),
+            pruned: self.pruned.get_or_create(&l).clone(),
+            validation_ok: self.validation_ok.get_or_create(&l).clone(),
+            validation_time: self.validation_time.get_or_create(&l).clone(),
             checkpoints: self.checkpoints.clone(),
             requests: self.requests.clone(),
             request_errors: self.request_errors.clone(),
@@ -296,6 +333,21 @@ impl ReplicaStatus {
     pub fn shipped_snapshot(&self, bytes: u64) {
         self.snapshots.inc();
         self.shipped_bytes.inc_by(bytes);
+    }
+
+    pub fn compacted(&self, created: u64, deleted: u64) {
+        self.compacted.inc_by(created);
+        self.pruned.inc_by(deleted);
+    }
+
+    pub fn pruned(&self, deleted: u64) {
+        self.pruned.inc_by(deleted);
+    }
+
+    pub fn validated(&self, ok: bool) {
+        self.validation_ok.set(ok as i64);
+        self.validation_time
+            .set(Utc::now().timestamp_millis() as f64 / 1000.0);
     }
 
     pub fn checkpoint(&self, mode: &str) {

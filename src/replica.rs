@@ -132,7 +132,7 @@ impl Replica {
         index: u64,
         timestamp_ms: i64,
         dest: &Path,
-    ) -> Result<(SnapshotHeader, Box<dyn std::io::Read>)> {
+    ) -> Result<(SnapshotHeader, Box<dyn std::io::Read + Send>)> {
         let key = layout::snapshot(generation, index, timestamp_ms);
         let local = self.storage.local_path(&key);
         let source = local.as_deref().unwrap_or(dest);

@@ -575,19 +575,38 @@ impl Replicator {
             return Ok(Err("no generation in replica".into()));
         };
         let &(snap_index, snap_ms, _) = g.snapshots.last().expect("non-empty");
-        let last_seg = g
-            .segments
-            .last()
-            .map(|&(i, _)| i)
-            .filter(|&i| i + 1 >= snap_index);
-        let (point, page_size, position, next_index) = match last_seg {
-            Some(i) => {
-                let seg = self.rt.block_on(self.replica.get_segment(&g.id, i))?;
+        // The newest object after the snapshot: a plain segment, or a merged
+        // object once compaction has replaced the plain ones.
+        let last_plain = g.segments.last().map(|&(i, _)| i);
+        let last_merged = g
+            .compacted
+            .iter()
+            .max_by_key(|c| (c.last, c.level))
+            .copied();
+        let newest = match (last_plain, last_merged) {
+            (Some(i), Some(c)) if c.last > i => Some(Err(c)),
+            (Some(i), _) => Some(Ok(i)),
+            (None, Some(c)) => Some(Err(c)),
+            (None, None) => None,
+        }
+        .filter(|n| {
+            let last = match n {
+                Ok(i) => *i,
+                Err(c) => c.last,
+            };
+            last + 1 >= snap_index
+        });
+        let (point, page_size, position, next_index) = match newest {
+            Some(n) => {
+                let seg = match n {
+                    Ok(i) => self.rt.block_on(self.replica.get_segment(&g.id, i))?,
+                    Err(c) => self.rt.block_on(self.replica.get_compacted(&g.id, &c))?,
+                };
                 (
                     Some(seg.header.wal),
                     seg.header.page_size,
                     seg.header.last_position,
-                    i + 1,
+                    seg.header.last_index() + 1,
                 )
             }
             None => {

@@ -22,7 +22,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{Error, IoContext, Result, SqlContext};
 use crate::generation::layout;
-use crate::replica::{GenerationListing, Replica};
+use crate::replica::{Compacted, GenerationListing, Replica};
 
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
@@ -56,6 +56,10 @@ pub enum RestoreOutcome {
         segments: u64,
         position: u64,
         db_pages: u32,
+        /// Where in the source's WAL the restored state ends.
+        wal: Option<crate::segment::WalPoint>,
+        /// The restored state's time (of the last object applied).
+        timestamp_ms: i64,
     },
     /// `--if-db-not-exists` and the output exists.
     OutputExists,
@@ -129,15 +133,11 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         .iter()
         .find(|s| s.0 == snap_index && s.1 == snap_ms)
         .map_or(0, |s| s.2);
-    let todo: Vec<&(u64, u64)> = gen
-        .segments
-        .iter()
-        .filter(|&&(i, _)| i >= snap_index)
-        .collect();
+    let todo = plan(gen, snap_index, target_ms, replica)?;
     if let Some(p) = &opts.progress {
         p.begin(
             todo.len() as u64,
-            snap_bytes + todo.iter().map(|s| s.1).sum::<u64>(),
+            snap_bytes + todo.iter().map(|s| s.size).sum::<u64>(),
         );
     }
     let progress = |bytes: u64| {
@@ -195,26 +195,22 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     }
     let mut db_pages = header.db_pages;
     let mut position = header.position;
+    let mut wal_point = header.wal;
+    let mut restored_ms = header.timestamp_ms;
     let mut applied = 0u64;
-    let indexes: Vec<u64> = todo.iter().map(|&&(i, _)| i).collect();
-    // Download up to `concurrency` segments ahead; apply strictly in order.
+    // Download up to `concurrency` objects ahead; apply strictly in order.
     let mut pending = std::collections::VecDeque::new();
     let mut next_fetch = 0usize;
     let window = opts.concurrency.max(1);
-    for (expected, &index) in (snap_index..).zip(indexes.iter()) {
-        if index != expected {
-            return Err(Error::Missing {
-                location: replica.location(),
-                key: layout::segment(&gen.id, expected),
-                message: format!(
-                    "segments of generation {} jump from {expected} to {index}",
-                    gen.id
-                ),
-            });
-        }
-        while next_fetch < indexes.len() && pending.len() < window {
-            let (r, g, i) = (replica.clone(), gen.id.clone(), indexes[next_fetch]);
-            pending.push_back(tokio::spawn(async move { r.get_segment(&g, i).await }));
+    for step in &todo {
+        while next_fetch < todo.len() && pending.len() < window {
+            let (r, g, s) = (replica.clone(), gen.id.clone(), todo[next_fetch]);
+            pending.push_back(tokio::spawn(async move {
+                match s.compacted {
+                    Some(c) => r.get_compacted(&g, &c).await,
+                    None => r.get_segment(&g, s.first).await,
+                }
+            }));
             next_fetch += 1;
         }
         let seg = pending
@@ -222,7 +218,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
             .expect("download scheduled")
             .await
             .map_err(|e| Error::Invalid(format!("segment download task failed: {e}")))??;
-        let key = layout::segment(&gen.id, index);
+        let key = step.key(&gen.id);
         if let Some(t) = target_ms {
             if seg.header.timestamp_ms > t {
                 break;
@@ -240,6 +236,11 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         if seg.header.page_size as u64 != ps {
             return Err(replica.bad(&key, "page size differs from the snapshot's"));
         }
+        // Pages above the smallest size inside the object were truncated
+        // away (see segment::merge); for a plain segment this is its size.
+        let cut = (seg.header.min_db_pages() as u64 * ps)
+            .min(file.metadata().io_ctx("stat", &tmp)?.len());
+        file.set_len(cut).io_ctx("truncate", &tmp)?;
         for (pgno, page) in &seg.pages {
             if *pgno <= seg.header.db_pages {
                 file.write_all_at(page, (*pgno as u64 - 1) * ps)
@@ -250,7 +251,9 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         file.set_len(db_pages as u64 * ps)
             .io_ctx("truncate", &tmp)?;
         position = seg.header.last_position;
-        progress(todo[applied as usize].1);
+        wal_point = Some(seg.header.wal);
+        restored_ms = seg.header.timestamp_ms;
+        progress(step.size);
         applied += 1;
     }
     file.set_len(db_pages as u64 * ps)
@@ -273,7 +276,94 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         segments: applied,
         position,
         db_pages,
+        wal: wal_point,
+        timestamp_ms: restored_ms,
     })
+}
+
+/// One object to apply: a segment, or a merged object covering
+/// `first..=last`.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    first: u64,
+    size: u64,
+    compacted: Option<Compacted>,
+}
+
+impl Step {
+    fn key(&self, generation: &str) -> String {
+        match &self.compacted {
+            Some(c) => layout::compacted(generation, c.level, c.first, c.last, c.timestamp_ms),
+            None => layout::segment(generation, self.first),
+        }
+    }
+}
+
+/// The objects to apply after the snapshot at `snap_index`: at each index,
+/// the merged object reaching furthest whose time is within the target (its
+/// time is in its key), else the plain segment (whose time is checked after
+/// download). Fewer, larger objects for old history; exact granularity
+/// wherever plain segments are still kept.
+fn plan(
+    gen: &GenerationListing,
+    snap_index: u64,
+    target_ms: Option<i64>,
+    replica: &Replica,
+) -> Result<Vec<Step>> {
+    let segments: std::collections::BTreeMap<u64, u64> = gen.segments.iter().copied().collect();
+    let last_known = gen
+        .segments
+        .iter()
+        .map(|s| s.0)
+        .chain(gen.compacted.iter().map(|c| c.last))
+        .max();
+    let mut steps = Vec::new();
+    let mut i = snap_index;
+    while last_known.is_some_and(|l| i <= l) {
+        let merged = gen
+            .compacted
+            .iter()
+            .filter(|c| c.first == i && target_ms.is_none_or(|t| c.timestamp_ms <= t))
+            .max_by_key(|c| c.last);
+        if let Some(c) = merged {
+            steps.push(Step {
+                first: i,
+                size: c.size,
+                compacted: Some(*c),
+            });
+            i = c.last + 1;
+        } else if let Some(&size) = segments.get(&i) {
+            steps.push(Step {
+                first: i,
+                size,
+                compacted: None,
+            });
+            i += 1;
+        } else if gen.compacted.iter().any(|c| c.first == i) {
+            // Only merged objects newer than the target continue from here.
+            break;
+        } else {
+            let next = segments
+                .range(i..)
+                .next()
+                .map(|(&n, _)| n)
+                .into_iter()
+                .chain(
+                    gen.compacted
+                        .iter()
+                        .filter(|c| c.first > i)
+                        .map(|c| c.first),
+                )
+                .min()
+                .unwrap_or(i);
+            return Err(Error::Missing {
+                location: replica.location(),
+                key: layout::segment(&gen.id, i),
+                message: format!("segments of generation {} jump from {i} to {next}", gen.id),
+            });
+        }
+    }
+    Ok(steps)
 }
 
 /// Picks the generation and the snapshot (index, timestamp) to start from.

@@ -134,8 +134,9 @@ pub fn encode(header: &SegmentHeader, pages: &BTreeMap<u32, Vec<u8>>) -> Vec<u8>
 /// later commit truncated the database below them, so that applying the
 /// result (cut to `min_db_pages`, write the pages, set the size to
 /// `db_pages`) leaves exactly the bytes applying each input in turn would.
-pub fn merge(parts: &[Segment], level: u8) -> Result<Segment, String> {
-    let first = &parts.first().ok_or("nothing to merge")?.header;
+pub fn merge(parts: Vec<Segment>, level: u8) -> Result<Segment, String> {
+    let first = parts.first().ok_or("nothing to merge")?.header.clone();
+    let last = parts.last().expect("non-empty").header.clone();
     let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
     let mut min_db_pages = u32::MAX;
     let mut position = first.first_position;
@@ -159,9 +160,9 @@ pub fn merge(parts: &[Segment], level: u8) -> Result<Segment, String> {
         }
         // An input that is itself a merge cuts first, then writes.
         pages.retain(|&pgno, _| pgno <= h.min_db_pages());
-        for (&pgno, page) in &p.pages {
+        for (pgno, page) in p.pages {
             if pgno <= h.db_pages {
-                pages.insert(pgno, page.clone());
+                pages.insert(pgno, page);
             }
         }
         pages.retain(|&pgno, _| pgno <= h.db_pages);
@@ -170,7 +171,6 @@ pub fn merge(parts: &[Segment], level: u8) -> Result<Segment, String> {
         next_index = h.last_index() + 1;
         transactions += h.transactions;
     }
-    let last = &parts.last().expect("non-empty").header;
     let header = SegmentHeader {
         generation: first.generation.clone(),
         index: first.index,

@@ -50,6 +50,6 @@ pub fn write_file(
 /// reader of the database image.
 pub fn open_file(
     path: &std::path::Path,
-) -> Result<(SnapshotHeader, Box<dyn std::io::Read>), FormatError> {
+) -> Result<(SnapshotHeader, Box<dyn std::io::Read + Send>), FormatError> {
     format::decode_file(MAGIC, "snapshot", path)
 }

@@ -69,3 +69,74 @@ fn regenerate_fixture() {
     restore_ok(&fixture(), &out, &[]);
     assert_eq!(rows(&out), expected_rows());
 }
+
+fn compacted_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/replica-v1-compacted")
+}
+
+/// The same history after compaction (FORMAT.md, "Compaction"): merged
+/// objects only, which must keep restoring to the same rows.
+#[test]
+fn committed_compacted_fixture_still_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fixture.db");
+    let o = walstream(&[
+        "restore",
+        "-o",
+        out.to_str().unwrap(),
+        compacted_fixture().to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("segments=1 "),
+        "one merged object expected: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    integrity_ok(&out);
+    assert_eq!(rows(&out), expected_rows());
+    let v = walstream(&["verify", compacted_fixture().to_str().unwrap()]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+}
+
+/// Rewrites the compacted fixture from `replica-v1`:
+/// `cargo test --test fixture -- --ignored`.
+#[test]
+#[ignore]
+fn regenerate_compacted_fixture() {
+    let _ = std::fs::remove_dir_all(compacted_fixture());
+    let copy = |from: &Path, to: &Path| {
+        for e in walk(from) {
+            let dest = to.join(e.strip_prefix(from).unwrap());
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(&e, dest).unwrap();
+        }
+    };
+    copy(&fixture(), &compacted_fixture());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let storage: walstream::storage::DynStorage =
+        std::sync::Arc::new(walstream::storage::FileStorage::new(compacted_fixture()));
+    let replica = walstream::replica::Replica::new(storage);
+    // Far in the future: every bucket is closed and old.
+    let now = chrono::Utc::now().timestamp_millis() + 48 * 3_600_000;
+    let levels = [
+        std::time::Duration::from_secs(24 * 3600),
+        std::time::Duration::from_secs(48 * 3600),
+    ];
+    let report = rt
+        .block_on(walstream::compact::compact(&replica, &levels, now))
+        .unwrap();
+    assert!(report.created[0] >= 1, "{report:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

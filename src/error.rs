@@ -46,6 +46,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The database's name now points at another file: replication of this
+    /// file must start over.
+    #[error("database {}: the file was replaced by another one", path.display())]
+    Replaced { path: PathBuf },
     #[error("{0}")]
     Invalid(String),
 }

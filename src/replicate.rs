@@ -105,6 +105,8 @@ struct Shipping {
     /// while the WAL is empty (truncated, or not yet written).
     cursor: Option<WalCursor>,
     last_snapshot_ms: i64,
+    /// Position of the last snapshot this process stored, if any.
+    snapshot_position: Option<u64>,
 }
 
 pub struct Replicator {
@@ -122,6 +124,8 @@ pub struct Replicator {
     last_upload: Option<Instant>,
     /// WAL length read by the last round.
     wal_len: u64,
+    /// (device, inode) of the database file walstream opened.
+    file_id: (u64, u64),
     /// When the read lock last moved forward, and the shipped frame count
     /// then.
     locked_at: Instant,
@@ -171,6 +175,7 @@ impl Replicator {
         let c0 = db::open_connection(&db, opts.busy_timeout)?;
         let page_size = db::ensure_wal(&c0, &db)?;
         let c1 = db::open_connection(&db, opts.busy_timeout)?;
+        let file_id = file_id(&db)?;
         let checkpointer = Checkpointer::new(CheckpointPolicy {
             min_pages: opts.min_checkpoint_page_count,
             max_pages: opts.max_checkpoint_page_count,
@@ -190,6 +195,7 @@ impl Replicator {
             checkpointer,
             last_upload: None,
             wal_len: 0,
+            file_id,
             locked_at: Instant::now(),
             locked_frames: 0,
             status,
@@ -266,7 +272,7 @@ impl Replicator {
                     timeout = self.opts.monitor_interval;
                     self.synced(began);
                 }
-                Err(e) if shutdown => {
+                Err(e) if shutdown || matches!(e, Error::Replaced { .. }) => {
                     self.release();
                     return Err(e);
                 }
@@ -357,6 +363,7 @@ impl Replicator {
 
     /// Ships every whole transaction after the shipped position.
     fn sync(&mut self) -> Result<()> {
+        self.check_same_file()?;
         let Some(mut file) = self.open_wal()? else {
             self.wal_len = 0;
             return Ok(());
@@ -414,6 +421,11 @@ impl Replicator {
 
     /// Uploads one segment and advances the shipped position.
     fn ship(&mut self, committed: wal::Committed, end: WalCursor) -> Result<()> {
+        // Frames read after the database was replaced by another file (a new
+        // inode under the same name, with its own WAL) belong to that other
+        // database: checking after the read means nothing read from it is
+        // ever shipped as this generation.
+        self.check_same_file()?;
         let st = self.state.as_ref().expect("started");
         let header = SegmentHeader {
             generation: st.generation.clone(),
@@ -460,7 +472,13 @@ impl Replicator {
         let st = self.state.as_ref().expect("started");
         let now = Utc::now().timestamp_millis();
         if now - st.last_snapshot_ms >= self.opts.snapshot_interval.as_millis() as i64 {
-            self.snapshot()?;
+            if st.snapshot_position == Some(st.position) {
+                // Nothing shipped since the last snapshot: it is still the
+                // newest state, and a copy would only cost storage.
+                self.state.as_mut().expect("started").last_snapshot_ms = now;
+            } else {
+                self.snapshot()?;
+            }
         }
         let st = self.state.as_ref().expect("started");
         let shipped_frames = st.cursor.map_or(0, |c| c.frame_index());
@@ -528,7 +546,9 @@ impl Replicator {
             bytes,
             "stored snapshot"
         );
-        self.state.as_mut().expect("started").last_snapshot_ms = header.timestamp_ms;
+        let st = self.state.as_mut().expect("started");
+        st.last_snapshot_ms = header.timestamp_ms;
+        st.snapshot_position = Some(header.position);
         Ok(())
     }
 
@@ -563,6 +583,7 @@ impl Replicator {
             position: 0,
             cursor,
             last_snapshot_ms: 0,
+            snapshot_position: None,
         });
         self.snapshot()
     }
@@ -598,9 +619,20 @@ impl Replicator {
         });
         let (point, page_size, position, next_index) = match newest {
             Some(n) => {
-                let seg = match n {
-                    Ok(i) => self.rt.block_on(self.replica.get_segment(&g.id, i))?,
-                    Err(c) => self.rt.block_on(self.replica.get_compacted(&g.id, &c))?,
+                let got = match n {
+                    Ok(i) => self.rt.block_on(self.replica.get_segment(&g.id, i)),
+                    Err(c) => self.rt.block_on(self.replica.get_compacted(&g.id, &c)),
+                };
+                let seg = match got {
+                    Ok(seg) => seg,
+                    // A torn or foreign newest object proves nothing about
+                    // where the replica ends: start over rather than
+                    // continue after it.
+                    Err(e @ (Error::Corrupt { .. } | Error::BadObject { .. })) => {
+                        tracing::warn!(error = %e, "newest object of the replica is unreadable");
+                        return Ok(Err(format!("newest object is unreadable: {e}")));
+                    }
+                    Err(e) => return Err(e),
                 };
                 (
                     Some(seg.header.wal),
@@ -649,8 +681,29 @@ impl Replicator {
             position,
             cursor: Some(cursor),
             last_snapshot_ms: snap_ms,
+            snapshot_position: None,
         }))
     }
+}
+
+/// Errors when the database's name now points at another file; the worker
+/// then starts over, which opens the new file and starts a new generation.
+impl Replicator {
+    fn check_same_file(&self) -> Result<()> {
+        match file_id(&self.db) {
+            Ok(id) if id == self.file_id => Ok(()),
+            Ok(_) => Err(Error::Replaced {
+                path: self.db.clone(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn file_id(db: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(db).io_ctx("stat", db)?;
+    Ok((m.dev(), m.ino()))
 }
 
 fn canonical(db: &Path) -> Result<PathBuf> {

@@ -267,3 +267,220 @@ fn existing_output_and_empty_replica() {
     assert_fails(&o, &["0123456789abcdef0123", "not found"]);
     assert!(!out.exists());
 }
+
+/// Re-seals an object after its bytes were changed (a valid SHA-256 trailer),
+/// so that only the intended change is wrong.
+fn reseal(path: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
+    use sha2::Digest;
+    let mut b = std::fs::read(path).unwrap();
+    b.truncate(b.len() - 32);
+    edit(&mut b);
+    let sum = sha2::Sha256::digest(&b);
+    b.extend_from_slice(&sum);
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn objects_from_a_newer_format_version_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, replica) = replica_with_segments(dir.path());
+    let segs = segment_files(&replica);
+    let victim = &segs[1];
+    reseal(victim, |b| b[8..12].copy_from_slice(&2u32.to_be_bytes()));
+    let out = dir.path().join("out.db");
+    let o = walstream(&[
+        "restore",
+        "-o",
+        out.to_str().unwrap(),
+        replica.to_str().unwrap(),
+    ]);
+    let name = victim.file_name().unwrap().to_string_lossy().to_string();
+    assert_fails(&o, &[&name, "version 2"]);
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_segment_with_another_page_size_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, replica) = replica_with_segments(dir.path());
+    let segs = segment_files(&replica);
+    let victim = &segs[2];
+    // Rewrite the JSON header's page size (same length: 4096 -> 8192).
+    reseal(victim, |b| {
+        let hlen = u32::from_be_bytes(b[12..16].try_into().unwrap()) as usize;
+        let header = String::from_utf8(b[16..16 + hlen].to_vec()).unwrap();
+        let changed = header.replace("\"page_size\":4096", "\"page_size\":8192");
+        assert_ne!(header, changed);
+        b.splice(16..16 + hlen, changed.into_bytes());
+    });
+    let out = dir.path().join("out.db");
+    let o = walstream(&[
+        "restore",
+        "-o",
+        out.to_str().unwrap(),
+        replica.to_str().unwrap(),
+    ]);
+    let name = victim.file_name().unwrap().to_string_lossy().to_string();
+    assert_fails(&o, &[&name]);
+    assert!(!out.exists());
+}
+
+/// Another database moved over the replicated one (a new file under the same
+/// name, with its own WAL): nothing of it may be shipped as the old
+/// database's history; walstream starts a new generation for it.
+#[test]
+fn a_database_replaced_under_walstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let mut c = app(&db);
+    create_items(&c);
+    let mut rng = Rng::new(3);
+    let w = Replicating::db(&db, &replica);
+    for _ in 0..10 {
+        random_txn(&mut c, &mut rng);
+    }
+    w.wait_quiet();
+    let old_rows = dump(&db);
+    drop(c);
+    // A different database, fully checkpointed, moved into place.
+    let other = dir.path().join("other.db");
+    {
+        let mut o = app(&other);
+        o.execute_batch("CREATE TABLE replaced(x INTEGER PRIMARY KEY, y TEXT)")
+            .unwrap();
+        let tx = o.transaction().unwrap();
+        for i in 0..50 {
+            tx.execute("INSERT INTO replaced VALUES (?1, 'new')", [i])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+    }
+    std::fs::rename(&other, &db).unwrap();
+    let c = app(&db);
+    for i in 50..80 {
+        c.execute("INSERT INTO replaced VALUES (?1, 'after')", [i])
+            .unwrap();
+    }
+    w.wait_for("replaced", std::time::Duration::from_secs(20));
+    w.wait_for(
+        "starting new generation",
+        std::time::Duration::from_secs(20),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while w.count("starting new generation") < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new generation:\n{}",
+            w.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    w.wait_quiet();
+    let log = w.stop();
+    // The newest generation is the new database; the old one is intact.
+    let out = dir.path().join("new.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+    let gens = walstream(&["generations", replica.to_str().unwrap()]);
+    let listing = String::from_utf8_lossy(&gens.stdout).to_string();
+    let first = listing
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let old = dir.path().join("old.db");
+    restore_ok(&replica, &old, &["--generation", first]);
+    assert_eq!(dump(&old), old_rows, "{log}");
+}
+
+/// Keys in a listing come from storage, which may be hostile: a key that
+/// climbs out of the replica must never be read or written, and a restore
+/// writes nothing outside its output.
+#[test]
+fn hostile_object_keys_never_escape() {
+    use walstream::storage::{FileStorage, MemoryStorage, Storage};
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica) = replica_with_segments(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The file backend refuses keys that leave its root.
+    let fs = FileStorage::new(replica.clone());
+    for key in [
+        "../escape",
+        "generations/../../escape",
+        "/etc/passwd",
+        "a/./b",
+        ".hidden",
+    ] {
+        assert!(rt.block_on(fs.put(key, b"x".to_vec())).is_err(), "{key}");
+        assert!(rt.block_on(fs.get(key)).is_err(), "{key}");
+    }
+    assert!(!dir.path().join("escape").exists());
+    // A store whose listing holds hostile keys next to a real replica.
+    let mem = std::sync::Arc::new(MemoryStorage::new());
+    rt.block_on(async {
+        for o in fs.list("").await.unwrap() {
+            mem.put(&o.key, fs.get(&o.key).await.unwrap())
+                .await
+                .unwrap();
+        }
+        let gen = fs.list("generations/").await.unwrap()[0]
+            .key
+            .split('/')
+            .nth(1)
+            .unwrap()
+            .to_string();
+        for k in [
+            format!("generations/{gen}/segments/../../../../escape.segment"),
+            format!("generations/{gen}/snapshots/../../../escape-1.snapshot"),
+            "generations/../../escape".to_string(),
+            format!("generations/{gen}/segments/ffffffffffffffff.segment/../../x"),
+        ] {
+            mem.put(&k, b"hostile".to_vec()).await.unwrap();
+        }
+    });
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let replica_view = walstream::replica::Replica::new(mem);
+    let opts = walstream::restore::RestoreOptions {
+        output: out_dir.join("restored.db"),
+        concurrency: 2,
+        ..Default::default()
+    };
+    rt.block_on(walstream::restore::restore(&replica_view, &opts))
+        .unwrap();
+    assert_same(&db, &out_dir.join("restored.db"));
+    let mut created: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    created.sort();
+    assert_eq!(created, ["restored.db"]);
+    assert!(!dir.path().join("escape").exists() && !dir.path().join("x").exists());
+}
+
+#[test]
+fn malformed_config_names_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, needles) in [
+        ("dbs:\n  - path: a.db\n    replica: [unclosed\n", vec!["line"]),
+        ("dbs:\n  - path: a.db\n    min-checkpoint-page-count: lots\n    replica:\n      path: /r\n", vec!["min-checkpoint-page-count", "line 3"]),
+        ("dbs: {path: a.db}\n", vec!["dbs", "line 1"]),
+        ("levels:\n  - interval: 1m\n  - interval: 90s\ndbs:\n  - path: a.db\n    replica:\n      path: /r\n", vec!["levels[1]"]),
+    ] {
+        let cfg = dir.path().join("bad.yml");
+        std::fs::write(&cfg, text).unwrap();
+        let o = walstream(&["replicate", "--config", cfg.to_str().unwrap()]);
+        let mut all = needles.clone();
+        all.push("bad.yml");
+        assert_fails(&o, &all);
+        assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    }
+}

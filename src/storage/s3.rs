@@ -304,6 +304,9 @@ impl S3Storage {
     }
 }
 
+/// Downloads whose body breaks off are tried this many times.
+const BODY_ATTEMPTS: u32 = 4;
+
 #[async_trait]
 impl Storage for S3Storage {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
@@ -326,18 +329,28 @@ impl Storage for S3Storage {
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
-        let out = self.get_object(key).await?;
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StorageError::Backend {
-                op: "get",
-                location: self.location.clone(),
-                key: key.to_string(),
-                message: e.to_string(),
-            })?;
-        Ok(body.into_bytes().to_vec())
+        // The SDK retries failed requests, but not a body cut short after the
+        // response began: retry those here.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let out = self.get_object(key).await?;
+            match out.body.collect().await {
+                Ok(body) => return Ok(body.into_bytes().to_vec()),
+                Err(e) if attempt < BODY_ATTEMPTS => {
+                    tracing::debug!(key, error = %e, "download interrupted, retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                Err(e) => {
+                    return Err(StorageError::Backend {
+                        op: "get",
+                        location: self.location.clone(),
+                        key: key.to_string(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
@@ -413,17 +426,38 @@ impl Storage for S3Storage {
     }
 
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
-        let out = self.get_object(key).await?;
         let io = |source| StorageError::Io {
             op: "download",
             location: self.location.clone(),
             key: key.to_string(),
             source,
         };
-        let mut file = tokio::fs::File::create(path).await.map_err(io)?;
-        let mut body = out.body.into_async_read();
-        let n = tokio::io::copy(&mut body, &mut file).await.map_err(io)?;
-        file.sync_all().await.map_err(io)?;
-        Ok(n)
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let out = self.get_object(key).await?;
+            let expected = out.content_length().map(|n| n as u64);
+            let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+            let mut body = out.body.into_async_read();
+            let copied = tokio::io::copy(&mut body, &mut file).await;
+            let short = |n: u64| expected.is_some_and(|e| e != n);
+            match copied {
+                Ok(n) if !short(n) => {
+                    file.sync_all().await.map_err(io)?;
+                    return Ok(n);
+                }
+                Ok(_) | Err(_) if attempt < BODY_ATTEMPTS => {
+                    tracing::debug!(key, "download interrupted, retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                Ok(n) => {
+                    return Err(io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("body ended after {n} of {} bytes", expected.unwrap_or(0)),
+                    )))
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
     }
 }

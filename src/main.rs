@@ -167,8 +167,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// One line: the error and its causes, each cause once (library errors
+/// already name their source in their own message).
 fn fail(e: anyhow::Error) -> ExitCode {
-    eprintln!("walstream: error: {}", format!("{e:#}").replace('\n', " "));
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !msg.contains(&s) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&s);
+        }
+    }
+    eprintln!("walstream: error: {}", msg.replace('\n', " "));
     ExitCode::FAILURE
 }
 

@@ -440,7 +440,10 @@ impl Replicator {
             wal: WalPoint::from_cursor(&end),
             level: 0,
             last_index: None,
-            min_db_pages: None,
+            // A commit inside the segment shrank the database: pages above
+            // that size must be cut before the body is applied.
+            min_db_pages: (committed.min_db_pages < committed.db_pages)
+                .then_some(committed.min_db_pages),
             first_timestamp_ms: None,
         };
         let started = Instant::now();

@@ -115,6 +115,8 @@ pub struct Committed {
     pub frames: u64,
     /// Database size in pages after the last commit.
     pub db_pages: u32,
+    /// Smallest database size after any commit read.
+    pub min_db_pages: u32,
     /// Number of transactions read.
     pub transactions: u64,
 }
@@ -215,6 +217,11 @@ pub fn read_batch(
             out.frames += pending_frames;
             pending_frames = 0;
             out.db_pages = commit;
+            out.min_db_pages = if out.transactions == 0 {
+                commit
+            } else {
+                out.min_db_pages.min(commit)
+            };
             out.transactions += 1;
             committed_cursor.offset = offset;
             committed_cursor.checksum = checksum;

@@ -156,16 +156,10 @@ impl Replica {
     /// Downloads and verifies a segment, checking it is the one its key names.
     pub async fn get_segment(&self, generation: &str, index: u64) -> Result<Segment> {
         let key = layout::segment(generation, index);
-        let data = self.get(&key).await?;
-        let seg = segment::decode(&data).map_err(|source| Error::Corrupt {
-            location: self.location(),
-            key: key.clone(),
-            source,
-        })?;
-        if seg.header.generation != generation || seg.header.index != index {
-            return Err(self.bad(&key, "header does not match its key"));
-        }
-        Ok(seg)
+        self.get_verified(&key, |h| {
+            h.generation == generation && h.index == index && h.level == 0
+        })
+        .await
     }
 
     /// Uploads a merged object (its header says level and range).
@@ -187,20 +181,31 @@ impl Replica {
     /// Downloads and verifies a merged object against its key.
     pub async fn get_compacted(&self, generation: &str, c: &Compacted) -> Result<Segment> {
         let key = layout::compacted(generation, c.level, c.first, c.last, c.timestamp_ms);
-        let data = self.get(&key).await?;
+        self.get_verified(&key, |h| {
+            h.generation == generation
+                && h.level == c.level
+                && h.index == c.first
+                && h.last_index() == c.last
+                && h.timestamp_ms == c.timestamp_ms
+        })
+        .await
+    }
+
+    /// Downloads and decodes a segment-format object, checking that its
+    /// header is the one its key names.
+    async fn get_verified(
+        &self,
+        key: &str,
+        matches_key: impl Fn(&SegmentHeader) -> bool,
+    ) -> Result<Segment> {
+        let data = self.get(key).await?;
         let seg = segment::decode(&data).map_err(|source| Error::Corrupt {
             location: self.location(),
-            key: key.clone(),
+            key: key.to_string(),
             source,
         })?;
-        let h = &seg.header;
-        if h.generation != generation
-            || h.level != c.level
-            || h.index != c.first
-            || h.last_index() != c.last
-            || h.timestamp_ms != c.timestamp_ms
-        {
-            return Err(self.bad(&key, "header does not match its key"));
+        if !matches_key(&seg.header) {
+            return Err(self.bad(key, "header does not match its key"));
         }
         Ok(seg)
     }

@@ -131,22 +131,38 @@ pub fn file_writer(path: &Path) -> io::Result<BufWriter<File>> {
 }
 
 /// Verifies the checksum and magic, then returns the parsed header and the
-/// decompressed body.
+/// decompressed body. `body_len` says from the header how long the body must
+/// be: decompression stops one byte past it, so a hostile object cannot make
+/// a reader allocate more than its header admits (LZ4 expands up to 255x).
 pub fn decode<H: DeserializeOwned>(
     magic: &[u8; 8],
     kind: &'static str,
     data: &[u8],
+    body_len: impl FnOnce(&H) -> Result<u64, FormatError>,
 ) -> Result<(H, Vec<u8>), FormatError> {
     let header = decode_header_unverified::<H>(magic, kind, data)?;
     let (content, sum) = data.split_at(data.len() - 32);
     if Sha256::digest(content).as_slice() != sum {
         return Err(FormatError::Checksum);
     }
+    let expected = body_len(&header)?;
     let hlen = u32::from_be_bytes(data[12..16].try_into().unwrap()) as usize;
     let mut body = Vec::new();
     lz4_flex::frame::FrameDecoder::new(&content[16 + hlen..])
+        .take(expected.saturating_add(1))
         .read_to_end(&mut body)
         .map_err(|e| FormatError::Body(e.to_string()))?;
+    if body.len() as u64 != expected {
+        return Err(FormatError::Body(format!(
+            "{} bytes{}, the header says {expected}",
+            body.len(),
+            if body.len() as u64 > expected {
+                " or more"
+            } else {
+                ""
+            }
+        )));
+    }
     Ok((header, body))
 }
 
@@ -186,20 +202,21 @@ mod tests {
     fn round_trip_and_corruption() {
         let body: Vec<u8> = (0..10_000u32).flat_map(|i| (i % 7).to_be_bytes()).collect();
         let obj = encode(b"TESTOBJ1", &H { a: 7 }, &body);
-        let (h, b): (H, Vec<u8>) = decode(b"TESTOBJ1", "test", &obj).unwrap();
+        let len = |_: &H| Ok(40_000);
+        let (h, b): (H, Vec<u8>) = decode(b"TESTOBJ1", "test", &obj, len).unwrap();
         assert_eq!(h, H { a: 7 });
         assert_eq!(b, body);
         for at in [0, 9, 20, obj.len() / 2, obj.len() - 1] {
             let mut bad = obj.clone();
             bad[at] ^= 1;
             assert!(
-                decode::<H>(b"TESTOBJ1", "test", &bad).is_err(),
+                decode::<H>(b"TESTOBJ1", "test", &bad, len).is_err(),
                 "flip at {at}"
             );
         }
-        assert!(decode::<H>(b"TESTOBJ1", "test", &obj[..obj.len() - 5]).is_err());
+        assert!(decode::<H>(b"TESTOBJ1", "test", &obj[..obj.len() - 5], len).is_err());
         assert!(matches!(
-            decode::<H>(b"OTHEROBJ", "other", &obj),
+            decode::<H>(b"OTHEROBJ", "other", &obj, len),
             Err(FormatError::Magic { .. })
         ));
         // The streaming encoder writes exactly the same bytes, and the

@@ -12,7 +12,7 @@
 //! holds either nothing or a complete database.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -173,10 +173,14 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         .io_ctx("create", &tmp)?;
     let written = {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
-        let n = std::io::copy(&mut image, &mut w).map_err(|e| Error::Corrupt {
-            location: replica.location(),
-            key: layout::snapshot(&gen.id, snap_index, snap_ms),
-            source: crate::format::FormatError::Body(e.to_string()),
+        // Never write more than the header admits (plus one byte to notice).
+        let admitted = header.db_pages as u64 * ps + 1;
+        let n = std::io::copy(&mut (&mut image).take(admitted), &mut w).map_err(|e| {
+            Error::Corrupt {
+                location: replica.location(),
+                key: layout::snapshot(&gen.id, snap_index, snap_ms),
+                source: crate::format::FormatError::Body(e.to_string()),
+            }
         })?;
         w.flush().io_ctx("write", &tmp)?;
         n
@@ -187,10 +191,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     if written != header.db_pages as u64 * ps {
         return Err(replica.bad(
             &layout::snapshot(&gen.id, snap_index, snap_ms),
-            &format!(
-                "image is {written} bytes, expected {} pages",
-                header.db_pages
-            ),
+            &crate::snapshot::size_fault(written, header.db_pages, header.page_size),
         ));
     }
     let mut db_pages = header.db_pages;

@@ -192,25 +192,26 @@ pub fn merge(parts: Vec<Segment>, level: u8) -> Result<Segment, String> {
 
 /// Decodes and fully verifies a segment.
 pub fn decode(data: &[u8]) -> Result<Segment, FormatError> {
-    let (header, body): (SegmentHeader, Vec<u8>) = format::decode(MAGIC, "segment", data)?;
+    let (header, body): (SegmentHeader, Vec<u8>) =
+        format::decode(MAGIC, "segment", data, |h: &SegmentHeader| {
+            let ps = h.page_size as u64;
+            if !(512..=65536).contains(&ps) || !ps.is_power_of_two() {
+                return Err(FormatError::Header(format!("bad page size {ps}")));
+            }
+            h.page_count
+                .checked_mul(ps + 4)
+                .ok_or_else(|| FormatError::Header(format!("page count {}", h.page_count)))
+        })?;
     let ps = header.page_size as usize;
-    if !(512..=65536).contains(&ps) || !ps.is_power_of_two() {
-        return Err(FormatError::Header(format!("bad page size {ps}")));
-    }
-    if body.len() as u64 != header.page_count * (ps as u64 + 4) {
-        return Err(FormatError::Body(format!(
-            "{} bytes, expected {} pages of {ps}",
-            body.len(),
-            header.page_count
-        )));
-    }
     let mut pages = BTreeMap::new();
     for rec in body.chunks_exact(ps + 4) {
         let pgno = u32::from_be_bytes(rec[0..4].try_into().unwrap());
         if pgno == 0 {
             return Err(FormatError::Body("page number 0".into()));
         }
-        pages.insert(pgno, rec[4..].to_vec());
+        if pages.insert(pgno, rec[4..].to_vec()).is_some() {
+            return Err(FormatError::Body(format!("page {pgno} appears twice")));
+        }
     }
     Ok(Segment { header, pages })
 }

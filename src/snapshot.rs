@@ -53,3 +53,13 @@ pub fn open_file(
 ) -> Result<(SnapshotHeader, Box<dyn std::io::Read + Send>), FormatError> {
     format::decode_file(MAGIC, "snapshot", path)
 }
+
+/// Why an image of `read` bytes does not match a header of `db_pages` pages
+/// (readers stop one byte past the admitted size, so longer means "longer").
+pub fn size_fault(read: u64, db_pages: u32, page_size: u32) -> String {
+    if read > db_pages as u64 * page_size as u64 {
+        format!("image is longer than the {db_pages} pages its header admits")
+    } else {
+        format!("image is {read} bytes, expected {db_pages} pages")
+    }
+}

@@ -124,12 +124,13 @@ async fn check_generation(replica: &Replica, g: &GenerationListing, tmp: &Path, 
         let path: PathBuf = tmp.join(format!("verify-snapshot-{}", std::process::id()));
         match replica.get_snapshot_file(&g.id, index, ms, &path).await {
             Ok((h, mut image)) => {
-                let n = std::io::copy(&mut image, &mut std::io::sink());
+                let admitted = h.db_pages as u64 * h.page_size as u64 + 1;
+                let n = std::io::copy(&mut (&mut image).take(admitted), &mut std::io::sink());
                 match n {
                     Ok(n) if n == h.db_pages as u64 * h.page_size as u64 => {}
                     Ok(n) => fault(
                         key.clone(),
-                        format!("image is {n} bytes, expected {} pages", h.db_pages),
+                        crate::snapshot::size_fault(n, h.db_pages, h.page_size),
                     ),
                     Err(e) => fault(key.clone(), e.to_string()),
                 }

@@ -325,6 +325,53 @@ fn a_segment_with_another_page_size_is_refused_by_name() {
     assert!(!out.exists());
 }
 
+/// A snapshot whose (checksummed) header admits fewer pages than its image
+/// holds: restore and verify refuse it by name, and restore stops reading at
+/// the admitted size rather than trusting the stream.
+#[test]
+fn a_snapshot_longer_than_its_header_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, replica) = replica_with_segments(dir.path());
+    let gen = segment_files(&replica)[0]
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let snap = std::fs::read_dir(gen.join("snapshots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    reseal(&snap, |b| {
+        let hlen = u32::from_be_bytes(b[12..16].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&b[16..16 + hlen]).unwrap();
+        assert!(header["db_pages"].as_u64().unwrap() > 1);
+        header["db_pages"] = 1.into();
+        let changed = serde_json::to_vec(&header).unwrap();
+        b.splice(12..16, (changed.len() as u32).to_be_bytes());
+        b.splice(16..16 + hlen, changed);
+    });
+    let name = snap.file_name().unwrap().to_string_lossy().to_string();
+    let out = dir.path().join("out.db");
+    let o = walstream(&[
+        "restore",
+        "-o",
+        out.to_str().unwrap(),
+        replica.to_str().unwrap(),
+    ]);
+    assert_fails(&o, &[&name, "longer than the 1 pages its header admits"]);
+    assert!(!out.exists());
+    let o = walstream(&["verify", replica.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(
+        report.contains(&format!("{name}: image is longer than the 1 pages")),
+        "{report}"
+    );
+}
+
 /// Another database moved over the replicated one (a new file under the same
 /// name, with its own WAL): nothing of it may be shipped as the old
 /// database's history; walstream starts a new generation for it.

@@ -118,6 +118,28 @@ fn restore_onto_a_full_or_read_only_disk_fails_clearly_and_touches_nothing() {
 /// error, and once space is freed catches up; nothing partial is visible.
 #[test]
 fn a_full_replica_disk_delays_but_loses_nothing() {
+    replica_disk_fault(
+        "dd if=/dev/zero of={m}/filler bs=1k count=2000 2>/dev/null",
+        "rm {m}/filler",
+        "No space left on device",
+    );
+}
+
+#[test]
+fn a_read_only_replica_disk_delays_but_loses_nothing() {
+    replica_disk_fault(
+        "mount -o remount,ro {m}",
+        "mount -o remount,rw {m}",
+        "Read-only file system",
+    );
+}
+
+/// walstream replicates to a small tmpfs; `fault` breaks it while the
+/// application keeps writing, `repair` mends it. The error is reported (naming
+/// the OS error `expect`), the application is never held up, and once
+/// repaired the replica catches up and restores exactly. (`{m}` in the
+/// commands is the mount point.)
+fn replica_disk_fault(fault: &str, repair: &str, expect: &str) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let mnt = dir.path().join("mnt");
@@ -130,8 +152,8 @@ fn a_full_replica_disk_delays_but_loses_nothing() {
     let script = format!(
         "mount -t tmpfs -o size=1m tmpfs {m}; mkdir {m}/replica; \
          {b} replicate {db} {m}/replica 2> {log} & pid=$!; \
-         sleep 1; dd if=/dev/zero of={m}/filler bs=1k count=2000 2>/dev/null; \
-         while [ ! -e {free} ]; do sleep 0.05; done; rm {m}/filler; \
+         sleep 1; {fault}; \
+         while [ ! -e {free} ]; do sleep 0.05; done; {repair}; \
          while [ ! -e {stop} ]; do sleep 0.05; done; kill -TERM $pid; wait $pid; echo EXIT=$?; \
          cp -r {m}/replica {copy}",
         m = mnt.display(),
@@ -140,7 +162,9 @@ fn a_full_replica_disk_delays_but_loses_nothing() {
         log = log.display(),
         free = free.display(),
         stop = stop.display(),
-        copy = copy.display()
+        copy = copy.display(),
+        fault = fault.replace("{m}", &mnt.display().to_string()),
+        repair = repair.replace("{m}", &mnt.display().to_string()),
     );
     let probe = Command::new("unshare")
         .args(["-rm", "true"])
@@ -157,7 +181,7 @@ fn a_full_replica_disk_delays_but_loses_nothing() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    // The disk is full now; the application writes on regardless.
+    // The disk is broken now; the application writes on regardless.
     let mut rng = Rng::new(8);
     let t = Instant::now();
     for _ in 0..60 {
@@ -167,11 +191,11 @@ fn a_full_replica_disk_delays_but_loses_nothing() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
-        .contains("No space left on device")
+        .contains(expect)
     {
         assert!(
             Instant::now() < deadline,
-            "no ENOSPC reported:\n{}",
+            "no {expect:?} reported:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -193,6 +217,13 @@ fn a_full_replica_disk_delays_but_loses_nothing() {
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(out.contains("EXIT=0"), "{out}\n{log_text}");
     assert!(log_text.contains("will retry"), "{log_text}");
+    // The error names the object it could not write and the replica.
+    let line = log_text.lines().find(|l| l.contains(expect)).unwrap();
+    assert!(
+        line.contains("put generations/")
+            && line.contains(&format!("in file://{}/replica", mnt.display())),
+        "{line}"
+    );
     let restored = dir.path().join("restored.db");
     restore_ok(&copy, &restored, &[]);
     assert_same(&db, &restored);

@@ -19,13 +19,13 @@
 //! deleted, and restore prefers the coarser object wherever both exist, so an
 //! interrupted compaction leaves a replica that restores exactly as before.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::error::Result;
 use crate::generation::layout;
 use crate::replica::{Compacted, GenerationListing, Replica};
-use crate::segment::{self, Segment};
+use crate::segment::{Merger, Segment};
 
 /// What a compaction pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -91,8 +91,10 @@ async fn compact_generation(
 ) -> Result<()> {
     let splits: BTreeSet<u64> = g.snapshots.iter().map(|s| s.0).collect();
     let mut listing = g.clone();
-    // Segments downloaded in this pass, so probing and merging share them.
-    let mut cache: BTreeMap<u64, Segment> = BTreeMap::new();
+    // A plain segment downloaded to learn its time and not merged yet (the
+    // first of the next bucket): at most one object is held besides the
+    // merge in progress.
+    let mut held: Option<Segment> = None;
     for (li, interval) in levels.iter().enumerate() {
         let level = li as u8 + 1;
         let width = interval.as_millis() as i64;
@@ -136,27 +138,28 @@ async fn compact_generation(
         };
         let mut k = 0;
         while k < inputs.len() {
-            let ts0 = timestamp(replica, &g.id, &inputs[k], &mut cache).await?;
+            let ts0 = time_of(replica, &g.id, &inputs[k], &mut held).await?;
             let bucket_end = (ts0.div_euclid(width) + 1) * width;
             if now_ms < bucket_end + grace {
                 break; // this and everything after it is too recent
             }
             // The run: consecutive inputs in the same bucket, not crossing a
-            // snapshot.
+            // snapshot, each folded into the merge as soon as it is read.
+            let mut merger = Merger::default();
+            let bad = |input: &Input, m: String| replica.bad(&input_key(&g.id, input), &m);
+            let first = load(replica, &g.id, &inputs[k], &mut held).await?;
+            merger.push(first).map_err(|m| bad(&inputs[k], m))?;
             let mut end = k;
             while end + 1 < inputs.len()
                 && inputs[end + 1].first == inputs[end].last + 1
                 && !splits.contains(&inputs[end + 1].first)
-                && timestamp(replica, &g.id, &inputs[end + 1], &mut cache).await? < bucket_end
+                && time_of(replica, &g.id, &inputs[end + 1], &mut held).await? < bucket_end
             {
                 end += 1;
+                let next = load(replica, &g.id, &inputs[end], &mut held).await?;
+                merger.push(next).map_err(|m| bad(&inputs[end], m))?;
             }
-            let mut parts = Vec::with_capacity(end - k + 1);
-            for input in &inputs[k..=end] {
-                parts.push(fetch(replica, &g.id, input, &mut cache).await?);
-            }
-            let merged = segment::merge(parts, level)
-                .map_err(|m| replica.bad(&layout::segment(&g.id, inputs[k].first), &m))?;
+            let merged = merger.finish(level).map_err(|m| bad(&inputs[k], m))?;
             let (key, bytes) = replica.put_compacted(&merged).await?;
             tracing::debug!(
                 key,
@@ -173,11 +176,6 @@ async fn compact_generation(
                 size: bytes,
             });
             report.created[li] += 1;
-            for input in &inputs[k..=end] {
-                if input.compacted.is_none() {
-                    cache.remove(&input.first);
-                }
-            }
             k = end + 1;
         }
         // Finer objects older than this level's interval, now covered.
@@ -229,38 +227,46 @@ async fn compact_generation(
     Ok(())
 }
 
-async fn fetch(
+fn input_key(generation: &str, input: &Input) -> String {
+    match &input.compacted {
+        Some(c) => layout::compacted(generation, c.level, c.first, c.last, c.timestamp_ms),
+        None => layout::segment(generation, input.first),
+    }
+}
+
+/// Reads an input, taking it from `held` when it was downloaded already.
+async fn load(
     replica: &Replica,
     generation: &str,
     input: &Input,
-    cache: &mut BTreeMap<u64, Segment>,
+    held: &mut Option<Segment>,
 ) -> Result<Segment> {
     match &input.compacted {
         Some(c) => replica.get_compacted(generation, c).await,
-        None => match cache.remove(&input.first) {
-            Some(s) => Ok(s),
-            None => replica.get_segment(generation, input.first).await,
+        None => match held.take() {
+            Some(s) if s.header.index == input.first => Ok(s),
+            _ => replica.get_segment(generation, input.first).await,
         },
     }
 }
 
-/// The time of an input: from the key for merged objects; plain segments are
-/// downloaded once and kept for the merge.
-async fn timestamp(
+/// The time of an input: from the key for merged objects; a plain segment is
+/// downloaded and kept in `held` for the merge.
+async fn time_of(
     replica: &Replica,
     generation: &str,
     input: &Input,
-    cache: &mut BTreeMap<u64, Segment>,
+    held: &mut Option<Segment>,
 ) -> Result<i64> {
     if let Some(t) = input.timestamp_ms {
         return Ok(t);
     }
-    if let Some(s) = cache.get(&input.first) {
+    if let Some(s) = held.as_ref().filter(|s| s.header.index == input.first) {
         return Ok(s.header.timestamp_ms);
     }
     let s = replica.get_segment(generation, input.first).await?;
     let t = s.header.timestamp_ms;
-    cache.insert(input.first, s);
+    *held = Some(s);
     Ok(t)
 }
 

@@ -135,59 +135,92 @@ pub fn encode(header: &SegmentHeader, pages: &BTreeMap<u32, Vec<u8>>) -> Vec<u8>
 /// result (cut to `min_db_pages`, write the pages, set the size to
 /// `db_pages`) leaves exactly the bytes applying each input in turn would.
 pub fn merge(parts: Vec<Segment>, level: u8) -> Result<Segment, String> {
-    let first = parts.first().ok_or("nothing to merge")?.header.clone();
-    let last = parts.last().expect("non-empty").header.clone();
-    let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-    let mut min_db_pages = u32::MAX;
-    let mut position = first.first_position;
-    let mut next_index = first.index;
-    let mut transactions = 0;
+    let mut m = Merger::default();
     for p in parts {
+        m.push(p)?;
+    }
+    m.finish(level)
+}
+
+/// A merge fed one object at a time, so that compaction holds only the
+/// distinct pages of its bucket, never every object in it.
+#[derive(Default)]
+pub struct Merger {
+    first: Option<SegmentHeader>,
+    last: Option<SegmentHeader>,
+    pages: BTreeMap<u32, Vec<u8>>,
+    min_db_pages: u32,
+    transactions: u64,
+}
+
+impl Merger {
+    /// Adds the next object; it must follow the previous one exactly.
+    pub fn push(&mut self, p: Segment) -> Result<(), String> {
         let h = &p.header;
-        if h.generation != first.generation || h.page_size != first.page_size {
-            return Err(format!(
-                "segment {} is from another generation or page size",
-                h.index
-            ));
-        }
-        if h.index != next_index || h.first_position != position {
-            return Err(format!(
-                "segment {} does not follow {} (position {} vs {position})",
-                h.index,
-                next_index.saturating_sub(1),
-                h.first_position
-            ));
-        }
-        // An input that is itself a merge cuts first, then writes.
-        pages.retain(|&pgno, _| pgno <= h.min_db_pages());
-        for (pgno, page) in p.pages {
-            if pgno <= h.db_pages {
-                pages.insert(pgno, page);
+        match (&self.first, &self.last) {
+            (Some(first), Some(prev)) => {
+                if h.generation != first.generation || h.page_size != first.page_size {
+                    return Err(format!(
+                        "segment {} is from another generation or page size",
+                        h.index
+                    ));
+                }
+                if h.index != prev.last_index() + 1 || h.first_position != prev.last_position {
+                    return Err(format!(
+                        "segment {} does not follow {} (position {} vs {})",
+                        h.index,
+                        prev.last_index(),
+                        h.first_position,
+                        prev.last_position
+                    ));
+                }
+            }
+            _ => {
+                self.first = Some(h.clone());
+                self.min_db_pages = u32::MAX;
             }
         }
-        pages.retain(|&pgno, _| pgno <= h.db_pages);
-        min_db_pages = min_db_pages.min(h.min_db_pages());
-        position = h.last_position;
-        next_index = h.last_index() + 1;
-        transactions += h.transactions;
+        // An input that is itself a merge cuts first, then writes.
+        self.pages.retain(|&pgno, _| pgno <= h.min_db_pages());
+        let (db_pages, min_db_pages) = (h.db_pages, h.min_db_pages());
+        self.transactions += h.transactions;
+        self.last = Some(p.header);
+        for (pgno, page) in p.pages {
+            if pgno <= db_pages {
+                self.pages.insert(pgno, page);
+            }
+        }
+        self.pages.retain(|&pgno, _| pgno <= db_pages);
+        self.min_db_pages = self.min_db_pages.min(min_db_pages);
+        Ok(())
     }
-    let header = SegmentHeader {
-        generation: first.generation.clone(),
-        index: first.index,
-        first_position: first.first_position,
-        last_position: last.last_position,
-        page_size: first.page_size,
-        db_pages: last.db_pages,
-        timestamp_ms: last.timestamp_ms,
-        transactions,
-        page_count: pages.len() as u64,
-        wal: last.wal,
-        level,
-        last_index: Some(last.last_index()),
-        min_db_pages: Some(min_db_pages),
-        first_timestamp_ms: Some(first.first_timestamp_ms()),
-    };
-    Ok(Segment { header, pages })
+
+    /// The merged object, at compaction `level`.
+    pub fn finish(self, level: u8) -> Result<Segment, String> {
+        let (Some(first), Some(last)) = (self.first, self.last) else {
+            return Err("nothing to merge".into());
+        };
+        let header = SegmentHeader {
+            generation: first.generation.clone(),
+            index: first.index,
+            first_position: first.first_position,
+            last_position: last.last_position,
+            page_size: first.page_size,
+            db_pages: last.db_pages,
+            timestamp_ms: last.timestamp_ms,
+            transactions: self.transactions,
+            page_count: self.pages.len() as u64,
+            wal: last.wal,
+            level,
+            last_index: Some(last.last_index()),
+            min_db_pages: Some(self.min_db_pages),
+            first_timestamp_ms: Some(first.first_timestamp_ms()),
+        };
+        Ok(Segment {
+            header,
+            pages: self.pages,
+        })
+    }
 }
 
 /// Decodes and fully verifies a segment.

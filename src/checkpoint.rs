@@ -124,8 +124,19 @@ impl Checkpointer {
         {
             return Ok(Outcome::Skipped);
         }
+        self.passive(conn, db_path, shipped_frames, file_frames)
+    }
+
+    /// Runs a PASSIVE checkpoint now, whatever the thresholds say.
+    pub fn passive(
+        &mut self,
+        conn: &Connection,
+        db_path: &Path,
+        shipped_frames: u64,
+        file_frames: u64,
+    ) -> Result<Outcome> {
         let r = db::checkpoint(conn, db_path, "PASSIVE")?;
-        self.last = now;
+        self.last = Instant::now();
         let complete = !r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed;
         self.completed_at_frames = complete.then_some(shipped_frames);
         if complete && file_frames >= self.policy.max_pages {

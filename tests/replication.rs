@@ -443,3 +443,60 @@ fn idle_database_costs_nothing() {
     assert_eq!(w.count("shipped segment"), segments);
     w.stop();
 }
+
+/// Under a steady write load that never pauses, the WAL must still be
+/// rewound or truncated now and then: otherwise it grows without bound while
+/// walstream holds its read lock (the application's own checkpoints cannot
+/// complete past walstream's read mark).
+#[test]
+fn wal_stays_bounded_under_steady_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let cfg = dir.path().join("w.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    min-checkpoint-page-count: 100\n    max-checkpoint-page-count: 400\n    replicas:\n      - url: file://{}\n",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+    let mut c = app(&db);
+    create_items(&c);
+    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    let mut rng = Rng::new(17);
+    let wal = dir.path().join("app.db-wal");
+    let (mut max_seen, mut transactions) = (0u64, 0u64);
+    let pause_ms: u64 = std::env::var("WALSTREAM_STEADY_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let started = std::time::Instant::now();
+    let secs: u64 = std::env::var("WALSTREAM_STEADY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    while started.elapsed() < Duration::from_secs(secs) {
+        random_txn(&mut c, &mut rng);
+        transactions += 1;
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        max_seen = max_seen.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    w.wait_quiet();
+    let log = w.stop();
+    eprintln!("steady: {transactions} transactions, WAL max {max_seen} bytes");
+    let out = dir.path().join("restored.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+    assert!(
+        max_seen < 3 * 400 * 4120,
+        "WAL grew to {max_seen} bytes under steady load:\n{}",
+        log.lines()
+            .filter(|l| l.contains("checkpoint"))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

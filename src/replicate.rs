@@ -38,7 +38,7 @@ use tokio::runtime::Handle;
 
 use crate::checkpoint::{CheckpointPolicy, Checkpointer, Outcome};
 use crate::db;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result, SqlContext};
 use crate::generation::{self, Manifest};
 use crate::metrics::{ReplicaStatus, State};
 use crate::replica::Replica;
@@ -53,6 +53,15 @@ const MAX_SEGMENT_BYTES: u64 = 4 << 20;
 
 /// How often the read lock moves forward at most (see `Replicator::tick`).
 const LOCK_ADVANCE_EVERY: Duration = Duration::from_secs(1);
+/// How often a rewind under the write lock may be tried while the WAL is
+/// over `max-checkpoint-page-count` (each try fails at once when the
+/// application holds the lock).
+const GATED_REWIND_EVERY: Duration = Duration::from_millis(10);
+/// How long a rewind waits for the application's current write transaction
+/// to end before giving up until the next try.
+const GATE_WAIT: Duration = Duration::from_millis(20);
+/// Most WAL bytes read into memory under the write lock.
+const GATED_READ_MAX_BYTES: u64 = 16 << 20;
 
 /// Tunables of one replicated database.
 #[derive(Debug, Clone)]
@@ -132,6 +141,12 @@ pub struct Replicator {
     locked_frames: u64,
     /// When a rewind of the WAL was last attempted (see `maintain`).
     rewind_tried: Instant,
+    /// When a rewind under the write lock was last attempted.
+    gated_rewind_tried: Instant,
+    /// Transactions read under the write lock from a WAL that has since been
+    /// handed over for rewinding, not yet stored: shipped before anything
+    /// else (see `gated_rewind`).
+    pending: Vec<(wal::Committed, WalCursor)>,
     status: Arc<ReplicaStatus>,
 }
 
@@ -201,6 +216,8 @@ impl Replicator {
             locked_at: Instant::now(),
             locked_frames: 0,
             rewind_tried: Instant::now(),
+            gated_rewind_tried: Instant::now(),
+            pending: Vec::new(),
             status,
         }))
     }
@@ -366,6 +383,7 @@ impl Replicator {
 
     /// Ships every whole transaction after the shipped position.
     fn sync(&mut self) -> Result<()> {
+        self.ship_pending()?;
         self.check_same_file()?;
         let Some(mut file) = self.open_wal()? else {
             self.wal_len = 0;
@@ -417,13 +435,13 @@ impl Replicator {
                 }
                 return Ok(());
             }
-            self.ship(committed, end)?;
+            self.ship(&committed, end)?;
             start = end;
         }
     }
 
     /// Uploads one segment and advances the shipped position.
-    fn ship(&mut self, committed: wal::Committed, end: WalCursor) -> Result<()> {
+    fn ship(&mut self, committed: &wal::Committed, end: WalCursor) -> Result<()> {
         // Frames read after the database was replaced by another file (a new
         // inode under the same name, with its own WAL) belong to that other
         // database: checking after the read means nothing read from it is
@@ -526,6 +544,123 @@ impl Replicator {
                 .checkpointer
                 .truncate(&self.conns[1 - self.active], &self.db)?;
             self.count_checkpoint(outcome);
+            return Ok(());
+        }
+        if outcome == (Outcome::Passive { complete: false })
+            && file_frames >= self.opts.max_checkpoint_page_count
+            && self.gated_rewind_tried.elapsed() >= GATED_REWIND_EVERY
+        {
+            self.gated_rewind_tried = Instant::now();
+            self.gated_rewind()?;
+        }
+        Ok(())
+    }
+
+    /// Rewinds a WAL that a write load with no pauses keeps growing past
+    /// `max-checkpoint-page-count`: without a moment in which no commit
+    /// lands, no checkpoint can ever catch up with the end of the WAL, and
+    /// SQLite rewinds only a fully checkpointed WAL.
+    ///
+    /// walstream takes the write lock for that moment, waiting at most
+    /// `GATE_WAIT` for it (so it never queues behind a long transaction, and
+    /// nothing queues behind it for long), and holds it only to
+    /// read the few frames after the shipped position into memory and to copy
+    /// the frames since the last checkpoint: the upload happens after the
+    /// lock is released. While it holds the lock, its own write transaction's
+    /// read mark protects the WAL, so the older read lock can go; the new one
+    /// then starts on the fully checkpointed WAL (read mark 0), and the
+    /// application's next write rewinds it.
+    fn gated_rewind(&mut self) -> Result<()> {
+        // Copy nearly everything first, without the lock, so that little is
+        // left to copy while holding it.
+        self.advance()?;
+        let r = db::checkpoint(&self.conns[1 - self.active], &self.db, "PASSIVE")?;
+        if !r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed {
+            return self.advance(); // caught up without the lock after all
+        }
+        let gate = &self.conns[1 - self.active];
+        gate.busy_timeout(GATE_WAIT).db_ctx(&self.db)?;
+        let began = gate.execute_batch("BEGIN IMMEDIATE");
+        gate.busy_timeout(self.opts.busy_timeout).db_ctx(&self.db)?;
+        if let Err(e) = began {
+            if matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ) {
+                tracing::debug!(db = %self.db.display(), "write lock busy, rewind later");
+                return Ok(());
+            }
+            return Err(e).db_ctx(&self.db);
+        }
+        let result = self.under_gate();
+        let _ = self.conns[1 - self.active].execute_batch("ROLLBACK");
+        let rewound = result?;
+        self.status.checkpoint("gated");
+        tracing::debug!(db = %self.db.display(), rewound, pending = self.pending.len(), "checkpoint under the write lock");
+        self.ship_pending()
+    }
+
+    /// The part of `gated_rewind` done while holding the write lock. Returns
+    /// whether the WAL was fully checkpointed. On any error the older read
+    /// lock is still (or again) held.
+    fn under_gate(&mut self) -> Result<bool> {
+        let Some(mut file) = self.open_wal()? else {
+            return Ok(false);
+        };
+        let st = self.state.as_ref().expect("started");
+        let (Some(header), Some(cursor)) = (
+            wal::read_header(&mut file).io_ctx("read", &self.wal)?,
+            st.cursor,
+        ) else {
+            return Ok(false);
+        };
+        if header.salt1 != cursor.salt1 || header.salt2 != cursor.salt2 {
+            return Ok(false); // rewound already; the next sync takes it from here
+        }
+        // Nothing can be appended now: read up to the end into memory,
+        // unless that is more than a quick read.
+        let mut pending = Vec::new();
+        let mut start = cursor;
+        let mut bytes = 0u64;
+        loop {
+            let (committed, end) = wal::read_batch(&mut file, &start, None, MAX_SEGMENT_BYTES)
+                .io_ctx("read", &self.wal)?;
+            if committed.transactions == 0 {
+                break;
+            }
+            bytes += end.offset - start.offset;
+            if bytes > GATED_READ_MAX_BYTES {
+                return Ok(false); // far behind: ship normally first
+            }
+            start = end;
+            pending.push((committed, end));
+        }
+        // The gate's read mark protects every frame now; let the old lock go
+        // and copy the rest.
+        let lock = &self.conns[self.active];
+        db::end_read(lock, &self.db)?;
+        let r = db::checkpoint(lock, &self.db, "PASSIVE");
+        // Back to holding a read lock before the gate opens: on the fully
+        // checkpointed WAL this one takes read mark 0.
+        db::begin_read(lock, &self.db)?;
+        let r = r?;
+        let complete = !r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed;
+        self.locked_at = Instant::now();
+        if complete {
+            self.pending = pending;
+            self.locked_frames = start.frame_index();
+        }
+        Ok(complete)
+    }
+
+    /// Ships the transactions read under the write lock, oldest first.
+    fn ship_pending(&mut self) -> Result<()> {
+        let mut rest = std::mem::take(&mut self.pending).into_iter();
+        while let Some((committed, end)) = rest.next() {
+            if let Err(e) = self.ship(&committed, end) {
+                self.pending = std::iter::once((committed, end)).chain(rest).collect();
+                return Err(e);
+            }
         }
         Ok(())
     }

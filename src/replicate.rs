@@ -547,7 +547,8 @@ impl Replicator {
             return Ok(());
         }
         if outcome == (Outcome::Passive { complete: false })
-            && file_frames >= self.opts.max_checkpoint_page_count
+            // The WAL's content, not its file: a rewound WAL keeps its size.
+            && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
             && self.gated_rewind_tried.elapsed() >= GATED_REWIND_EVERY
         {
             self.gated_rewind_tried = Instant::now();

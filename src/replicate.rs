@@ -60,8 +60,9 @@ const GATED_REWIND_EVERY: Duration = Duration::from_millis(10);
 /// How long a rewind waits for the application's current write transaction
 /// to end before giving up until the next try.
 const GATE_WAIT: Duration = Duration::from_millis(20);
-/// Most WAL bytes read into memory under the write lock.
-const GATED_READ_MAX_BYTES: u64 = 16 << 20;
+/// Most WAL bytes read into memory under the write lock: one segment's
+/// worth, so a rewind never holds more than shipping does anyway.
+const GATED_READ_MAX_BYTES: u64 = MAX_SEGMENT_BYTES;
 
 /// Tunables of one replicated database.
 #[derive(Debug, Clone)]
@@ -619,19 +620,19 @@ impl Replicator {
             return Ok(false); // rewound already; the next sync takes it from here
         }
         // Nothing can be appended now: read up to the end into memory,
-        // unless that is more than a quick read.
+        // unless that is more than a quick read (decided before reading, so
+        // a backlog never passes through memory only to be dropped).
+        let len = file.metadata().io_ctx("stat", &self.wal)?.len();
+        if len.saturating_sub(cursor.offset) > GATED_READ_MAX_BYTES {
+            return Ok(false); // far behind: ship normally first
+        }
         let mut pending = Vec::new();
         let mut start = cursor;
-        let mut bytes = 0u64;
         loop {
             let (committed, end) = wal::read_batch(&mut file, &start, None, MAX_SEGMENT_BYTES)
                 .io_ctx("read", &self.wal)?;
             if committed.transactions == 0 {
                 break;
-            }
-            bytes += end.offset - start.offset;
-            if bytes > GATED_READ_MAX_BYTES {
-                return Ok(false); // far behind: ship normally first
             }
             start = end;
             pending.push((committed, end));

@@ -1,6 +1,7 @@
-//! The S3 backend against a real S3 protocol server on loopback: s3s-fs,
-//! in-process, checking SigV4 signatures. A small TCP proxy in front of it
-//! injects faults (dropped connections, outages).
+//! The S3 backend against real S3 protocol servers on loopback: s3s-fs,
+//! in-process, checking SigV4 signatures, and moto, an independent
+//! implementation run as a child process (see `common/moto.rs`). A small TCP
+//! proxy in front of s3s-fs injects faults (dropped connections, outages).
 
 mod common;
 
@@ -14,6 +15,7 @@ use common::*;
 use walstream::config::S3Target;
 use walstream::storage::{S3Storage, Storage};
 
+use common::moto::MotoServer;
 use common::s3server::{S3Server, AK, BUCKET, SK};
 
 /// Proxy modes.
@@ -151,6 +153,20 @@ async fn s3_conforms_to_the_storage_contract() {
     );
 }
 
+/// The same contract against moto: list pagination past 1000 keys, batch
+/// delete and multipart upload as a second implementation understands them.
+#[tokio::test(flavor = "multi_thread")]
+async fn moto_conforms_to_the_storage_contract() {
+    let Some(server) = tokio::task::spawn_blocking(|| MotoServer::start(&[BUCKET]))
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let s = S3Storage::new(&target(server.addr, "conformance/prefix", SK)).await;
+    walstream::storage::conformance::run(&s).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn large_objects_use_multipart_upload() {
     let server = S3Server::start();
@@ -169,9 +185,23 @@ async fn large_objects_use_multipart_upload() {
 #[test]
 fn replicate_and_restore_through_s3() {
     let server = S3Server::start();
+    replicate_and_restore_through(server.addr);
+}
+
+#[test]
+fn replicate_and_restore_through_moto() {
+    if let Some(server) = MotoServer::start(&[BUCKET]) {
+        replicate_and_restore_through(server.addr);
+    }
+}
+
+/// Replicate, restore the latest state and a point in time, restart into a
+/// new generation whose snapshot goes up in parts, and list, all through the
+/// S3 server at `addr`.
+fn replicate_and_restore_through(addr: SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
-    let cfg = config(dir.path(), &db, server.addr, "prod/app", SK);
+    let cfg = config(dir.path(), &db, addr, "prod/app", SK);
     // Ship each commit at once, so the point-in-time marks below are exact.
     let text = std::fs::read_to_string(&cfg).unwrap() + "        sync-interval: 0s\n";
     std::fs::write(&cfg, text).unwrap();
@@ -241,8 +271,7 @@ fn replicate_and_restore_through_s3() {
         "snapshot should be large: {snap_line}"
     );
     let url = format!(
-        "s3://{BUCKET}/prod/app?endpoint=http://{}&region=us-east-1&forcePathStyle=true",
-        server.addr
+        "s3://{BUCKET}/prod/app?endpoint=http://{addr}&region=us-east-1&forcePathStyle=true"
     );
     let o = std::process::Command::new(bin())
         .args(["generations", &url])

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod faultproxy;
+pub mod moto;
 pub mod s3server;
 
 use std::io::{BufRead, BufReader};

@@ -182,7 +182,12 @@ pub fn read_batch(
         return Ok((out, committed_cursor));
     }
     file.seek(SeekFrom::Start(cursor.offset))?;
-    let mut reader = io::BufReader::with_capacity(1 << 20, &mut *file);
+    // Read no further than `end`: past it lie frames of an earlier pass
+    // through a rewound WAL, and reading a whole buffer's worth of them on
+    // every tick cost more than the frames being shipped.
+    let want = end - cursor.offset;
+    let mut reader =
+        io::BufReader::with_capacity(want.min(1 << 20) as usize, Read::take(&mut *file, want));
     let mut pending: Vec<(u32, Vec<u8>)> = Vec::new();
     let mut pending_frames = 0u64;
     let mut checksum = cursor.checksum;

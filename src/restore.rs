@@ -242,12 +242,8 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         let cut = (seg.header.min_db_pages() as u64 * ps)
             .min(file.metadata().io_ctx("stat", &tmp)?.len());
         file.set_len(cut).io_ctx("truncate", &tmp)?;
-        for (pgno, page) in &seg.pages {
-            if *pgno <= seg.header.db_pages {
-                file.write_all_at(page, (*pgno as u64 - 1) * ps)
-                    .io_ctx("write", &tmp)?;
-            }
-        }
+        let live = seg.pages.range(..=seg.header.db_pages);
+        write_pages(&file, live, ps).io_ctx("write", &tmp)?;
         db_pages = seg.header.db_pages;
         file.set_len(db_pages as u64 * ps)
             .io_ctx("truncate", &tmp)?;
@@ -256,6 +252,17 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         restored_ms = seg.header.timestamp_ms;
         progress(step.size);
         applied += 1;
+        // Start writing back what is written so far, so that the final
+        // fsync has little left to wait for (it still makes it durable).
+        // SAFETY: a plain system call on an open descriptor.
+        unsafe {
+            libc::sync_file_range(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
     }
     file.set_len(db_pages as u64 * ps)
         .io_ctx("truncate", &tmp)?;
@@ -280,6 +287,73 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         wal: wal_point,
         timestamp_ms: restored_ms,
     })
+}
+
+/// Writes pages (numbered from 1, in ascending order) at their offsets, one
+/// `pwritev` per run of consecutive page numbers: a restore writes tens of
+/// thousands of pages, and one system call each was a fifth of its time.
+fn write_pages<'a>(
+    file: &File,
+    pages: impl Iterator<Item = (&'a u32, &'a Vec<u8>)>,
+    page_size: u64,
+) -> std::io::Result<()> {
+    // IOV_MAX is 1024 on Linux.
+    const MAX_RUN: usize = 1024;
+    let mut run: Vec<&[u8]> = Vec::with_capacity(MAX_RUN);
+    let mut run_start = 0u32;
+    let flush = |start: u32, run: &mut Vec<&[u8]>| -> std::io::Result<()> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let offset = (start as u64 - 1) * page_size;
+        let iov: Vec<libc::iovec> = run
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        let total: usize = run.iter().map(|p| p.len()).sum();
+        // SAFETY: every iovec points into a live page borrowed for this call.
+        let n = unsafe {
+            libc::pwritev(
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if (n as usize) < total {
+            // A short write (a full disk, a signal): finish page by page,
+            // which reports the error if there is one.
+            let mut done = n as usize;
+            let mut at = offset;
+            for p in run.iter() {
+                let len = p.len();
+                if done >= len {
+                    done -= len;
+                } else {
+                    file.write_all_at(&p[done..], at + done as u64)?;
+                    done = 0;
+                }
+                at += len as u64;
+            }
+        }
+        run.clear();
+        Ok(())
+    };
+    for (&pgno, page) in pages {
+        let contiguous = !run.is_empty() && pgno == run_start + run.len() as u32;
+        if !contiguous || run.len() == MAX_RUN {
+            flush(run_start, &mut run)?;
+            run_start = pgno;
+        }
+        run.push(page);
+    }
+    flush(run_start, &mut run)
 }
 
 /// One object to apply: a segment, or a merged object covering

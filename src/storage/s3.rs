@@ -61,6 +61,21 @@ impl RequestCounts {
     }
 }
 
+/// Reads a response body into one buffer sized from the response's length:
+/// collecting the chunks and then flattening them copied every download
+/// twice more.
+async fn read_body(
+    mut out: aws_sdk_s3::operation::get_object::GetObjectOutput,
+) -> Result<Vec<u8>, aws_sdk_s3::primitives::ByteStreamError> {
+    // The length is the server's word: reserve at most 64 MiB up front.
+    let expected = out.content_length().unwrap_or(0).clamp(0, 64 << 20) as usize;
+    let mut buf = Vec::with_capacity(expected);
+    while let Some(chunk) = out.body.try_next().await? {
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
 /// Objects above this size are uploaded in parts of `part_size`.
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
 
@@ -335,8 +350,8 @@ impl Storage for S3Storage {
         loop {
             attempt += 1;
             let out = self.get_object(key).await?;
-            match out.body.collect().await {
-                Ok(body) => return Ok(body.into_bytes().to_vec()),
+            match read_body(out).await {
+                Ok(body) => return Ok(body),
                 Err(e) if attempt < BODY_ATTEMPTS => {
                     tracing::debug!(key, error = %e, "download interrupted, retrying");
                     tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;

@@ -47,8 +47,8 @@ use crate::snapshot::{self, SnapshotHeader};
 use crate::wal::{self, WalCursor};
 use crate::watch::Watcher;
 
-/// Frames read into one segment before it is cut (at a commit boundary):
-/// bounds memory when the application outpaces uploads.
+/// Distinct page bytes read into one segment before it is cut (at a commit
+/// boundary): bounds memory when the application outpaces uploads.
 const MAX_SEGMENT_BYTES: u64 = 4 << 20;
 
 /// How often the read lock moves forward at most (see `Replicator::tick`).

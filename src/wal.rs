@@ -163,10 +163,12 @@ pub fn read_committed(
     read_batch(file, cursor, limit, u64::MAX)
 }
 
-/// Like `read_committed`, but stops at the first commit after `max_bytes` of
-/// frames, so one batch (and the memory it needs) stays bounded when the
-/// application writes faster than a segment uploads. A single transaction is
-/// never split.
+/// Like `read_committed`, but stops at the first commit after which the
+/// batch holds `max_bytes` of distinct pages, so the memory a batch needs
+/// stays bounded when the application writes faster than a segment uploads.
+/// Frames that rewrite a page already in the batch cost no memory and do not
+/// count: a second of small commits to the same few pages stays one segment.
+/// A single transaction is never split.
 pub fn read_batch(
     file: &mut File,
     cursor: &WalCursor,
@@ -230,7 +232,7 @@ pub fn read_batch(
             out.transactions += 1;
             committed_cursor.offset = offset;
             committed_cursor.checksum = checksum;
-            if out.frames * frame_size >= max_bytes {
+            if out.pages.len() as u64 * cursor.page_size as u64 >= max_bytes {
                 break;
             }
         }

@@ -77,7 +77,9 @@ pub struct ReplicateOptions {
     pub busy_timeout: Duration,
     /// Minimum time between two uploads. The first commit after a quiet
     /// period ships at once; under steady load uploads are spaced by this, so
-    /// request counts stay bounded (at most 3600 PUTs an hour at 1s).
+    /// request counts stay bounded (3600 PUTs an hour at 1s, plus at most one
+    /// small PUT a second when a WAL rewind needs the lock moved; see
+    /// `maintain`).
     pub sync_interval: Duration,
 }
 

@@ -153,8 +153,9 @@ async fn s3_conforms_to_the_storage_contract() {
     );
 }
 
-/// The same contract against moto: list pagination past 1000 keys, batch
-/// delete and multipart upload as a second implementation understands them.
+/// The same contract against moto: list pagination past 1000 keys,
+/// idempotent deletes and multipart upload (`put_file` of 12 MB) as a second
+/// implementation understands them.
 #[tokio::test(flavor = "multi_thread")]
 async fn moto_conforms_to_the_storage_contract() {
     let Some(server) = tokio::task::spawn_blocking(|| MotoServer::start(&[BUCKET]))

@@ -256,7 +256,7 @@ impl Replicator {
         // the monitor interval polls; otherwise they would only cost a wake-up
         // per commit. `armed` lets one write wake one round, no more.
         let armed = Arc::new(AtomicBool::new(true));
-        let _watch = if self.opts.sync_interval < self.opts.monitor_interval {
+        let mut watch = if self.opts.sync_interval < self.opts.monitor_interval {
             watcher.watch(&self.wal, wake, armed.clone())
         } else {
             None
@@ -289,11 +289,29 @@ impl Replicator {
             // it are read by this one.
             armed.store(true, Ordering::SeqCst);
             let began = Utc::now().timestamp_millis();
+            let uploaded_before = self.last_upload;
             match self.tick() {
                 Ok(()) => {
                     backoff = self.opts.monitor_interval;
                     timeout = self.opts.monitor_interval;
                     self.synced(began);
+                    // With a sync-interval, notifications only end idle
+                    // spells: while commits keep coming, the next round is
+                    // due a sync-interval after this one anyway, and polling
+                    // then costs less than the notifications in between.
+                    if let Some(w) = watch
+                        .as_mut()
+                        .filter(|_| !self.opts.sync_interval.is_zero())
+                    {
+                        if self.last_upload != uploaded_before {
+                            w.set_active(false);
+                            timeout = self.opts.sync_interval;
+                        } else if !w.is_active() && w.set_active(true) {
+                            // Look once more: a commit that landed before the
+                            // watch was back raised no notification.
+                            timeout = Duration::ZERO;
+                        }
+                    }
                 }
                 Err(e) if shutdown || matches!(e, Error::Replaced { .. }) => {
                     self.release();

@@ -163,6 +163,11 @@ pub fn read_committed(
     read_batch(file, cursor, limit, u64::MAX)
 }
 
+/// How much of the WAL one read asks for: big enough that a syscall is
+/// cheap next to the copy, small enough that the stale frames read past the
+/// end of a rewound WAL cost little.
+const READ_CHUNK: u64 = 64 * 1024;
+
 /// Like `read_committed`, but stops at the first commit after which the
 /// batch holds `max_bytes` of distinct pages, so the memory a batch needs
 /// stays bounded when the application writes faster than a segment uploads.
@@ -184,12 +189,13 @@ pub fn read_batch(
         return Ok((out, committed_cursor));
     }
     file.seek(SeekFrom::Start(cursor.offset))?;
-    // Read no further than `end`: past it lie frames of an earlier pass
-    // through a rewound WAL, and reading a whole buffer's worth of them on
-    // every tick cost more than the frames being shipped.
+    // Read no further than `end`, in small chunks: a rewound WAL keeps its
+    // size, so past the newest frame lie frames of an earlier pass (ended by
+    // the salt check below), and filling a 1 MiB buffer with them on every
+    // tick cost more than reading the frames being shipped.
     let want = end - cursor.offset;
-    let mut reader =
-        io::BufReader::with_capacity(want.min(1 << 20) as usize, Read::take(&mut *file, want));
+    let chunk = READ_CHUNK.max(frame_size).min(want);
+    let mut reader = io::BufReader::with_capacity(chunk as usize, Read::take(&mut *file, want));
     let mut pending: Vec<(u32, Vec<u8>)> = Vec::new();
     let mut pending_frames = 0u64;
     let mut checksum = cursor.checksum;

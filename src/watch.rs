@@ -37,6 +37,8 @@ pub struct Registration {
     file: PathBuf,
     dir: PathBuf,
     id: u64,
+    /// Whether this registration counts towards its directory's watch.
+    active: bool,
 }
 
 impl Watcher {
@@ -90,19 +92,8 @@ impl Watcher {
         armed: Arc<AtomicBool>,
     ) -> Option<Registration> {
         let dir = file.parent().unwrap_or(Path::new("/")).to_path_buf();
-        {
-            let mut dirs = self.dirs.lock().unwrap();
-            let count = dirs.entry(dir.clone()).or_insert(0);
-            if *count == 0 {
-                let mut w = self.watcher.lock().unwrap();
-                let w = w.as_mut()?;
-                if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable, polling");
-                    dirs.remove(&dir);
-                    return None;
-                }
-            }
-            *count += 1;
+        if !self.watch_dir(&dir) {
+            return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.targets
@@ -116,7 +107,65 @@ impl Watcher {
             file: file.to_path_buf(),
             dir,
             id,
+            active: true,
         })
+    }
+
+    /// Counts one more user of `dir`'s OS watch, adding it for the first.
+    fn watch_dir(&self, dir: &Path) -> bool {
+        let mut dirs = self.dirs.lock().unwrap();
+        let count = dirs.entry(dir.to_path_buf()).or_insert(0);
+        if *count == 0 {
+            let mut w = self.watcher.lock().unwrap();
+            let Some(w) = w.as_mut() else {
+                dirs.remove(dir);
+                return false;
+            };
+            if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable, polling");
+                dirs.remove(dir);
+                return false;
+            }
+        }
+        *count += 1;
+        true
+    }
+
+    /// Counts one user of `dir`'s OS watch less, removing it after the last.
+    fn unwatch_dir(&self, dir: &Path) {
+        let mut dirs = self.dirs.lock().unwrap();
+        if let Some(count) = dirs.get_mut(dir) {
+            *count -= 1;
+            if *count == 0 {
+                dirs.remove(dir);
+                if let Some(n) = self.watcher.lock().unwrap().as_mut() {
+                    let _ = n.unwatch(dir);
+                }
+            }
+        }
+    }
+}
+
+impl Registration {
+    /// Turns this file's notifications off or back on. The kernel queues an
+    /// event for every write the application makes (two per WAL frame), and
+    /// handling them cost more than polling does while a sync-interval
+    /// spaces the uploads anyway; switched off, this registration no longer
+    /// keeps its directory watched. Returns whether notifications are on.
+    pub fn set_active(&mut self, on: bool) -> bool {
+        if on != self.active {
+            if on {
+                self.active = self.watcher.watch_dir(&self.dir);
+            } else {
+                self.watcher.unwatch_dir(&self.dir);
+                self.active = false;
+            }
+        }
+        self.active
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active
     }
 }
 
@@ -132,15 +181,8 @@ impl Drop for Registration {
                 }
             }
         }
-        let mut dirs = w.dirs.lock().unwrap();
-        if let Some(count) = dirs.get_mut(&self.dir) {
-            *count -= 1;
-            if *count == 0 {
-                dirs.remove(&self.dir);
-                if let Some(n) = w.watcher.lock().unwrap().as_mut() {
-                    let _ = n.unwatch(&self.dir);
-                }
-            }
+        if self.active {
+            w.unwatch_dir(&self.dir);
         }
     }
 }
@@ -175,5 +217,26 @@ mod tests {
         std::fs::write(&b, "x").unwrap();
         std::thread::sleep(Duration::from_millis(200));
         assert!(rx_b.try_recv().is_err(), "unregistered");
+    }
+
+    #[test]
+    fn an_inactive_registration_is_not_woken_until_turned_back_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a-wal");
+        let w = Watcher::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let armed = Arc::new(AtomicBool::new(true));
+        let mut r = w.watch(&a, tx, armed.clone()).unwrap();
+        assert!(!r.set_active(false));
+        assert!(w.dirs.lock().unwrap().is_empty(), "directory unwatched");
+        std::fs::write(&a, "quiet").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(rx.try_recv().is_err(), "no wake while off");
+        assert!(armed.load(Ordering::SeqCst));
+        assert!(r.set_active(true));
+        std::fs::write(&a, "loud").unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Control::Wake));
+        drop(r);
+        assert!(w.dirs.lock().unwrap().is_empty(), "unwatched on drop");
     }
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -442,6 +442,68 @@ fn idle_database_costs_nothing() {
     assert!(used <= 5, "idle walstream used {used} clock ticks in 3 s");
     assert_eq!(w.count("shipped segment"), segments);
     w.stop();
+}
+
+/// With a sync-interval, notifications are switched off while commits keep
+/// coming (polling at the sync-interval is cheaper) and back on when the
+/// database goes idle. A monitor-interval of a minute means a missed wake
+/// would show: both the busy spell and each first commit after an idle one
+/// must still ship within a fraction of a second.
+#[test]
+fn sync_interval_polls_while_busy_and_wakes_on_the_first_commit_after_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let cfg = dir.path().join("w.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    monitor-interval: 60s\n    replicas:\n      - url: file://{}\n        sync-interval: 200ms\n",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+    let c = app(&db);
+    create_items(&c);
+    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    let mut k = 0;
+    let mut commit = || {
+        c.execute("INSERT INTO items(k, v) VALUES (?1, 'row')", [k])
+            .unwrap();
+        k += 1;
+    };
+    for _ in 0..2 {
+        let before = w.count("shipped segment");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            commit();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        w.wait_quiet();
+        let busy = w.count("shipped segment") - before;
+        // 1.5 s at one upload per 200 ms, give or take the first and last.
+        assert!(
+            (4..=10).contains(&busy),
+            "busy spell went up as {busy} segments"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let before = w.count("shipped segment");
+        let committed = Instant::now();
+        commit();
+        while w.count("shipped segment") == before {
+            assert!(
+                committed.elapsed() < Duration::from_secs(3),
+                "a commit after an idle spell was not shipped:\n{}",
+                w.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    w.stop();
+    let out = dir.path().join("restored.db");
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
 }
 
 /// Writes `random_txn`s for `secs` seconds with `pause_ms` between them while

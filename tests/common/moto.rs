@@ -6,7 +6,8 @@
 //! Litestream on R2 and B2) would pass unnoticed with it alone. moto is an
 //! independent implementation written against real S3's behaviour.
 //!
-//! The server binary is `$WALSTREAM_MOTO_SERVER` or `moto_server` on `PATH`.
+//! The server binary is `$WALSTREAM_MOTO_SERVER`, or the one `.ci/run`
+//! installs into `target/ci-venv`.
 //! `.ci/run` installs it into a virtual environment and sets
 //! `WALSTREAM_REQUIRE_MOTO=1`, which turns a missing server into a failure
 //! instead of a skip.
@@ -14,7 +15,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,9 +28,12 @@ fn binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("WALSTREAM_MOTO_SERVER") {
         return Some(PathBuf::from(p));
     }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join("moto_server"))
-        .find(|p| p.is_file())
+    // The version `.ci/run` pins, if it ran here. Not whatever `moto_server`
+    // is on PATH: moto 5.2.1 answers CompleteMultipartUpload with a response
+    // the AWS SDK rejects (5.2.5 does not), and an old one on a developer's
+    // machine would fail the suite for moto's bug.
+    let pinned = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-venv/bin/moto_server");
+    pinned.is_file().then_some(pinned)
 }
 
 /// One plain HTTP/1.1 request (moto runs without authentication); returns
@@ -59,11 +63,9 @@ impl MotoServer {
             assert!(
                 std::env::var_os("WALSTREAM_REQUIRE_MOTO").is_none(),
                 "WALSTREAM_REQUIRE_MOTO is set but moto_server was not found \
-                 (set WALSTREAM_MOTO_SERVER or put it on PATH)"
+                 (set WALSTREAM_MOTO_SERVER)"
             );
-            eprintln!(
-                "skipped: moto_server not found (pip install 'moto[server]', or run .ci/run)"
-            );
+            eprintln!("skipped: moto_server not found (run .ci/run, or set WALSTREAM_MOTO_SERVER)");
             return None;
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0")

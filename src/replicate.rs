@@ -60,9 +60,6 @@ const GATED_REWIND_EVERY: Duration = Duration::from_millis(10);
 /// How long a rewind waits for the application's current write transaction
 /// to end before giving up until the next try.
 const GATE_WAIT: Duration = Duration::from_millis(20);
-/// Most WAL bytes read into memory under the write lock: one segment's
-/// worth, so a rewind never holds more than shipping does anyway.
-const GATED_READ_MAX_BYTES: u64 = MAX_SEGMENT_BYTES;
 
 /// Tunables of one replicated database.
 #[derive(Debug, Clone)]
@@ -146,10 +143,13 @@ pub struct Replicator {
     rewind_tried: Instant,
     /// When a rewind under the write lock was last attempted.
     gated_rewind_tried: Instant,
-    /// Transactions read under the write lock from a WAL that has since been
-    /// handed over for rewinding, not yet stored: shipped before anything
-    /// else (see `gated_rewind`).
-    pending: Vec<(wal::Committed, WalCursor)>,
+    /// Transactions read ahead of the shipped position and not yet stored,
+    /// with the WAL position after them: read under the write lock (see
+    /// `gated_rewind`), or, with a sync-interval, read so that the read lock
+    /// could move without an upload of its own (see `relock`). The WAL may
+    /// have been rewound since, so this can be their only copy outside the
+    /// database file: they go up first, in the next segment.
+    pending: Option<(wal::Committed, WalCursor)>,
     status: Arc<ReplicaStatus>,
 }
 
@@ -220,7 +220,7 @@ impl Replicator {
             locked_frames: 0,
             rewind_tried: Instant::now(),
             gated_rewind_tried: Instant::now(),
-            pending: Vec::new(),
+            pending: None,
             status,
         }))
     }
@@ -282,6 +282,15 @@ impl Replicator {
                     .filter(|w| !w.is_zero())
                 {
                     timeout = wait;
+                    if self.rewind_wanted() {
+                        if self.gated_rewind_tried.elapsed() >= GATED_REWIND_EVERY {
+                            self.gated_rewind_tried = Instant::now();
+                            if let Err(e) = self.gated_rewind(true) {
+                                tracing::debug!(db = %self.db.display(), error = %e, "rewind between rounds failed");
+                            }
+                        }
+                        timeout = wait.min(GATED_REWIND_EVERY);
+                    }
                     continue;
                 }
             }
@@ -311,6 +320,9 @@ impl Replicator {
                             // watch was back raised no notification.
                             timeout = Duration::ZERO;
                         }
+                    }
+                    if self.rewind_wanted() {
+                        timeout = timeout.min(GATED_REWIND_EVERY);
                     }
                 }
                 Err(e) if shutdown || matches!(e, Error::Replaced { .. }) => {
@@ -377,21 +389,116 @@ impl Replicator {
     /// committed, and only then ends the older read transaction. If shipping
     /// fails the older one is kept: it still protects every unshipped frame.
     fn advance(&mut self) -> Result<()> {
+        self.move_lock(false)
+    }
+
+    /// Moves the read lock to the end of the WAL for a checkpoint's sake.
+    /// Without a sync-interval this is `advance`. With one, the transactions
+    /// after the shipped position are read into `pending` instead of being
+    /// uploaded, and go up with the next regular upload: checkpoints need the
+    /// lock moved about once a second, and an upload for each move broke
+    /// the one-upload-per-interval promise. Only what fits in one segment is
+    /// held; a longer tail is shipped at once, as `advance` does.
+    fn relock(&mut self) -> Result<()> {
+        self.move_lock(!self.opts.sync_interval.is_zero())
+    }
+
+    fn move_lock(&mut self, hold: bool) -> Result<()> {
+        if !(hold && self.move_lock_holding()?) {
+            self.move_lock_with(|r| r.sync().map(|()| true))?;
+        }
+        Ok(())
+    }
+
+    /// Moves the read lock to the end of the WAL if the transactions after
+    /// the shipped position fit in `pending`, without any upload. Returns
+    /// whether it moved.
+    fn move_lock_holding(&mut self) -> Result<bool> {
+        self.move_lock_with(Self::read_ahead)
+    }
+
+    /// Begins a read transaction on the idle connection, runs `catch_up`
+    /// (which must leave nothing after the read position unshipped or
+    /// unheld when it returns true), and only then ends the older one.
+    fn move_lock_with(&mut self, catch_up: fn(&mut Self) -> Result<bool>) -> Result<bool> {
         let next = 1 - self.active;
         db::begin_read(&self.conns[next], &self.db)?;
-        if let Err(e) = self.sync() {
-            let _ = db::end_read(&self.conns[next], &self.db);
-            return Err(e);
+        match catch_up(self) {
+            Ok(true) => {}
+            other => {
+                let _ = db::end_read(&self.conns[next], &self.db);
+                return other;
+            }
         }
         db::end_read(&self.conns[self.active], &self.db)?;
         self.active = next;
         self.locked_at = Instant::now();
-        self.locked_frames = self
-            .state
-            .as_ref()
-            .and_then(|s| s.cursor)
-            .map_or(0, |c| c.frame_index());
-        Ok(())
+        self.locked_frames = self.read_cursor().map_or(0, |c| c.frame_index());
+        Ok(true)
+    }
+
+    /// Where reading the WAL goes on from: after what is held, else after
+    /// what is shipped.
+    fn read_cursor(&self) -> Option<WalCursor> {
+        match &self.pending {
+            Some((_, end)) => Some(*end),
+            None => self.state.as_ref().and_then(|s| s.cursor),
+        }
+    }
+
+    /// Reads the whole transactions after `read_cursor` into `pending`, as
+    /// long as what is held stays within one segment. Returns whether it
+    /// reached the end of the WAL (`false`: the caller must ship instead;
+    /// what was read stays held, and goes up first). While this runs a read
+    /// lock at or before `read_cursor` must be held.
+    fn read_ahead(&mut self) -> Result<bool> {
+        let Some(mut file) = self.open_wal()? else {
+            return Ok(true);
+        };
+        let (Some(header), Some(mut at)) = (
+            wal::read_header(&mut file).io_ctx("read", &self.wal)?,
+            self.read_cursor(),
+        ) else {
+            return Ok(false); // nothing read yet, or no WAL: sync() knows
+        };
+        if header.page_size != self.page_size {
+            return Ok(false); // sync() starts a new generation
+        }
+        if header.salt1 != at.salt1 || header.salt2 != at.salt2 {
+            // Rewound since; as in `sync`, everything before was read.
+            tracing::debug!(db = %self.db.display(), "WAL reset observed");
+            at = header.start();
+        }
+        loop {
+            let held = self.pending.as_ref().map_or(0, |(c, _)| c.page_bytes());
+            if held >= MAX_SEGMENT_BYTES {
+                return Ok(false);
+            }
+            let (more, end) = wal::read_batch(&mut file, &at, None, MAX_SEGMENT_BYTES - held)
+                .io_ctx("read", &self.wal)?;
+            if more.transactions == 0 {
+                return Ok(true);
+            }
+            // A batch not cut for size ended where the WAL ended when it was
+            // read, which is past the new lock's snapshot: enough. (Reading
+            // on would chase a writer that fills a rewound WAL's stale space
+            // as fast as it is read.)
+            let whole = more.page_bytes() < MAX_SEGMENT_BYTES - held;
+            // Frames read after the database was replaced belong to another
+            // database (see `ship`).
+            self.check_same_file()?;
+            match &mut self.pending {
+                Some((c, e)) => {
+                    c.append(more);
+                    *e = end;
+                }
+                None => self.pending = Some((more, end)),
+            }
+            if whole {
+                return Ok(true);
+            }
+            at = end;
+        }
     }
 
     fn open_wal(&self) -> Result<Option<File>> {
@@ -402,24 +509,24 @@ impl Replicator {
         }
     }
 
-    /// Ships every whole transaction after the shipped position.
+    /// Ships every whole transaction after the shipped position: what is held
+    /// in `pending` first, in one segment with what follows it.
     fn sync(&mut self) -> Result<()> {
-        self.ship_pending()?;
         self.check_same_file()?;
         let Some(mut file) = self.open_wal()? else {
             self.wal_len = 0;
-            return Ok(());
+            return self.ship_pending();
         };
         let header = wal::read_header(&mut file).io_ctx("read", &self.wal)?;
         let len = file.metadata().io_ctx("stat", &self.wal)?.len();
         self.wal_len = len;
-        let st = self.state.as_mut().expect("started");
-        let start = match (header, st.cursor) {
+        let start = match (header, self.read_cursor()) {
             (None, Some(_)) => {
+                self.ship_pending()?;
                 if len < wal::WAL_HEADER_SIZE {
                     // Truncated by a checkpoint while we held a read lock:
                     // everything in it was shipped.
-                    st.cursor = None;
+                    self.state.as_mut().expect("started").cursor = None;
                 }
                 return Ok(());
             }
@@ -447,16 +554,37 @@ impl Replicator {
         let limit = Some(len);
         let mut start = start;
         loop {
-            let (committed, end) = wal::read_batch(&mut file, &start, limit, MAX_SEGMENT_BYTES)
-                .io_ctx("read", &self.wal)?;
-            if committed.transactions == 0 {
+            let held = self.pending.as_ref().map_or(0, |(c, _)| c.page_bytes());
+            let max = MAX_SEGMENT_BYTES.saturating_sub(held);
+            let (committed, end) =
+                wal::read_batch(&mut file, &start, limit, max).io_ctx("read", &self.wal)?;
+            // Only a batch cut for size is followed by another: the file's
+            // length is no limit in a rewound WAL, whose stale space a busy
+            // writer refills as fast as it is read.
+            let cut = committed.transactions > 0 && committed.page_bytes() >= max;
+            // (With nothing new read, `end` is `start`: after a rewind, the
+            // new WAL's beginning, which is where the held frames leave off.)
+            let batch = match self.pending.take() {
+                Some((mut held, _)) => {
+                    held.append(committed);
+                    held
+                }
+                None => committed,
+            };
+            if batch.transactions == 0 {
                 let st = self.state.as_mut().expect("started");
                 if st.cursor != Some(start) {
                     st.cursor = Some(start);
                 }
                 return Ok(());
             }
-            self.ship(&committed, end)?;
+            if let Err(e) = self.ship(&batch, end) {
+                self.pending = Some((batch, end));
+                return Err(e);
+            }
+            if !cut {
+                return Ok(());
+            }
             start = end;
         }
     }
@@ -516,7 +644,11 @@ impl Replicator {
     fn maintain(&mut self) -> Result<()> {
         let st = self.state.as_ref().expect("started");
         let now = Utc::now().timestamp_millis();
-        if now - st.last_snapshot_ms >= self.opts.snapshot_interval.as_millis() as i64 {
+        // A snapshot is an image at the shipped position: not while
+        // transactions after it are held (the database file may hold them).
+        if now - st.last_snapshot_ms >= self.opts.snapshot_interval.as_millis() as i64
+            && self.pending.is_none()
+        {
             if st.snapshot_position == Some(st.position) {
                 // Nothing shipped since the last snapshot: it is still the
                 // newest state, and a copy would only cost storage.
@@ -540,7 +672,7 @@ impl Replicator {
             // few frames since: if no commit lands in between, the WAL is
             // fully checkpointed.
             self.rewind_tried = Instant::now();
-            self.advance()?;
+            self.relock()?;
             let (shipped_frames, file_frames) = self.wal_frames();
             outcome = self.checkpointer.passive(
                 &self.conns[1 - self.active],
@@ -554,28 +686,42 @@ impl Replicator {
             // Sit on the fully checkpointed WAL: the new read transaction gets
             // read mark 0, which does not stand in the way of the
             // application's next write rewinding the WAL to its start.
-            self.advance()?;
+            self.relock()?;
         }
         if self.checkpointer.truncate_due() {
             // Move the read lock onto the now fully checkpointed WAL (SQLite
             // then gives it read mark 0, which does not stand in the way of a
-            // TRUNCATE), shipping anything new first, and truncate at once.
-            self.advance()?;
+            // TRUNCATE), shipping (or holding) anything new first, and
+            // truncate at once.
+            self.relock()?;
             let outcome = self
                 .checkpointer
                 .truncate(&self.conns[1 - self.active], &self.db)?;
             self.count_checkpoint(outcome);
             return Ok(());
         }
-        if outcome == (Outcome::Passive { complete: false })
+        // With a sync-interval, whatever the outcome: a checkpoint that
+        // completes often ends in a lock that landed behind the application's
+        // next commit, and then the WAL is not rewound either.
+        if (outcome == (Outcome::Passive { complete: false })
+            || !self.opts.sync_interval.is_zero())
             // The WAL's content, not its file: a rewound WAL keeps its size.
             && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
             && self.gated_rewind_tried.elapsed() >= GATED_REWIND_EVERY
         {
             self.gated_rewind_tried = Instant::now();
-            self.gated_rewind()?;
+            self.gated_rewind(false)?;
         }
         Ok(())
+    }
+
+    /// Whether, with a sync-interval, the WAL has grown past
+    /// `max-checkpoint-page-count` since it was last rewound: rewinds under
+    /// the write lock are then also tried between rounds.
+    fn rewind_wanted(&self) -> bool {
+        !self.opts.sync_interval.is_zero()
+            && self.state.is_some()
+            && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
     }
 
     /// Rewinds a WAL that a write load with no pauses keeps growing past
@@ -592,13 +738,32 @@ impl Replicator {
     /// read mark protects the WAL, so the older read lock can go; the new one
     /// then starts on the fully checkpointed WAL (read mark 0), and the
     /// application's next write rewinds it.
-    fn gated_rewind(&mut self) -> Result<()> {
+    ///
+    /// `between` is set for the tries made between two rounds with a
+    /// sync-interval (a round tries once, and a writer that never pauses
+    /// often holds the lock just then): those never upload, and give up if
+    /// the unshipped tail does not fit in memory.
+    fn gated_rewind(&mut self, between: bool) -> Result<()> {
         // Copy nearly everything first, without the lock, so that little is
         // left to copy while holding it.
-        self.advance()?;
+        if between {
+            if !self.move_lock_holding()? {
+                return Ok(());
+            }
+        } else {
+            self.relock()?;
+        }
         let r = db::checkpoint(&self.conns[1 - self.active], &self.db, "PASSIVE")?;
-        if !r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed {
-            return self.advance(); // caught up without the lock after all
+        if !r.busy
+            && r.log_frames >= 0
+            && r.log_frames == r.checkpointed
+            && self.opts.sync_interval.is_zero()
+        {
+            // Caught up without the lock after all. (With a sync-interval
+            // the gate is taken anyway: moving the lock without it lands
+            // behind the application's next commit more often than not, and
+            // then nothing is rewound.)
+            return self.advance();
         }
         let gate = &self.conns[1 - self.active];
         gate.busy_timeout(GATE_WAIT).db_ctx(&self.db)?;
@@ -618,44 +783,23 @@ impl Replicator {
         let _ = self.conns[1 - self.active].execute_batch("ROLLBACK");
         let rewound = result?;
         self.status.checkpoint("gated");
-        tracing::debug!(db = %self.db.display(), rewound, pending = self.pending.len(), "checkpoint under the write lock");
-        self.ship_pending()
+        let held = self.pending.as_ref().map_or(0, |(c, _)| c.transactions);
+        tracing::debug!(db = %self.db.display(), rewound, held, "checkpoint under the write lock");
+        if self.opts.sync_interval.is_zero() {
+            self.ship_pending()?;
+        }
+        Ok(())
     }
 
     /// The part of `gated_rewind` done while holding the write lock. Returns
     /// whether the WAL was fully checkpointed. On any error the older read
     /// lock is still (or again) held.
     fn under_gate(&mut self) -> Result<bool> {
-        let Some(mut file) = self.open_wal()? else {
-            return Ok(false);
-        };
-        let st = self.state.as_ref().expect("started");
-        let (Some(header), Some(cursor)) = (
-            wal::read_header(&mut file).io_ctx("read", &self.wal)?,
-            st.cursor,
-        ) else {
-            return Ok(false);
-        };
-        if header.salt1 != cursor.salt1 || header.salt2 != cursor.salt2 {
-            return Ok(false); // rewound already; the next sync takes it from here
-        }
         // Nothing can be appended now: read up to the end into memory,
-        // unless that is more than a quick read (decided before reading, so
-        // a backlog never passes through memory only to be dropped).
-        let len = file.metadata().io_ctx("stat", &self.wal)?.len();
-        if len.saturating_sub(cursor.offset) > GATED_READ_MAX_BYTES {
-            return Ok(false); // far behind: ship normally first
-        }
-        let mut pending = Vec::new();
-        let mut start = cursor;
-        loop {
-            let (committed, end) = wal::read_batch(&mut file, &start, None, MAX_SEGMENT_BYTES)
-                .io_ctx("read", &self.wal)?;
-            if committed.transactions == 0 {
-                break;
-            }
-            start = end;
-            pending.push((committed, end));
+        // unless that is more than one segment (what was read stays held;
+        // the rest is shipped normally first).
+        if !self.read_ahead()? {
+            return Ok(false);
         }
         // The gate's read mark protects every frame now; let the old lock go
         // and copy the rest.
@@ -666,31 +810,26 @@ impl Replicator {
         // checkpointed WAL this one takes read mark 0.
         db::begin_read(lock, &self.db)?;
         let r = r?;
-        let complete = !r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed;
         self.locked_at = Instant::now();
-        if complete {
-            self.pending = pending;
-            self.locked_frames = start.frame_index();
-        }
-        Ok(complete)
+        self.locked_frames = self.read_cursor().map_or(0, |c| c.frame_index());
+        Ok(!r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed)
     }
 
-    /// Ships the transactions read under the write lock, oldest first.
+    /// Ships the transactions held in `pending`, if any.
     fn ship_pending(&mut self) -> Result<()> {
-        let mut rest = std::mem::take(&mut self.pending).into_iter();
-        while let Some((committed, end)) = rest.next() {
+        if let Some((committed, end)) = self.pending.take() {
             if let Err(e) = self.ship(&committed, end) {
-                self.pending = std::iter::once((committed, end)).chain(rest).collect();
+                self.pending = Some((committed, end));
                 return Err(e);
             }
         }
         Ok(())
     }
 
-    /// Frames shipped from the current WAL, and the WAL file's size in frames.
+    /// Frames read (shipped or held) from the current WAL, and the WAL file's
+    /// size in frames.
     fn wal_frames(&self) -> (u64, u64) {
-        let st = self.state.as_ref().expect("started");
-        let shipped_frames = st.cursor.map_or(0, |c| c.frame_index());
+        let shipped_frames = self.read_cursor().map_or(0, |c| c.frame_index());
         let frame_size = wal::FRAME_HEADER_SIZE + self.page_size as u64;
         let file_frames = std::fs::metadata(&self.wal)
             .map(|m| m.len().saturating_sub(wal::WAL_HEADER_SIZE) / frame_size)
@@ -771,6 +910,9 @@ impl Replicator {
         };
         self.rt.block_on(self.replica.put_manifest(&manifest))?;
         tracing::info!(db = %self.db.display(), replica = %self.replica.location(), generation = %id, reason, "starting new generation");
+        // Held transactions belong to the old generation; the new one starts
+        // from a snapshot of the database, which has them.
+        self.pending = None;
         self.state = Some(Shipping {
             generation: id,
             next_index: 0,

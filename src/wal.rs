@@ -121,6 +121,32 @@ pub struct Committed {
     pub transactions: u64,
 }
 
+impl Committed {
+    /// Adds the transactions of `later`, read right after these, as if both
+    /// had been read in one batch.
+    pub fn append(&mut self, later: Committed) {
+        if later.transactions == 0 {
+            return;
+        }
+        if self.transactions == 0 {
+            *self = later;
+            return;
+        }
+        // Pages past the smallest database size of a later commit are dead.
+        self.pages.retain(|&p, _| p <= later.min_db_pages);
+        self.pages.extend(later.pages);
+        self.frames += later.frames;
+        self.min_db_pages = self.min_db_pages.min(later.min_db_pages);
+        self.db_pages = later.db_pages;
+        self.transactions += later.transactions;
+    }
+
+    /// Bytes of page data held.
+    pub fn page_bytes(&self) -> u64 {
+        self.pages.values().map(|p| p.len() as u64).sum()
+    }
+}
+
 /// Computes SQLite's WAL checksum of `data` (a multiple of 8 bytes), continuing
 /// from `init`.
 pub fn wal_checksum(big_endian: bool, data: &[u8], init: (u32, u32)) -> (u32, u32) {
@@ -346,5 +372,56 @@ mod tests {
         let whole = wal_checksum(false, &data, (1, 2));
         let split = wal_checksum(false, &data[32..], wal_checksum(false, &data[..32], (1, 2)));
         assert_eq!(whole, split);
+    }
+
+    #[test]
+    fn appended_batches_equal_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = wal_db(dir.path());
+        // Grow, shrink (VACUUM after a delete) and grow again, so that pages
+        // of early transactions lie past a later, smaller database size.
+        conn.execute_batch("CREATE TABLE b(v)").unwrap();
+        for _ in 0..20 {
+            conn.execute("INSERT INTO b VALUES (randomblob(3000))", [])
+                .unwrap();
+        }
+        let grown: u32 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        conn.execute_batch("DELETE FROM b WHERE rowid > 5; VACUUM;")
+            .unwrap();
+        conn.execute("INSERT INTO b VALUES (randomblob(9000))", [])
+            .unwrap();
+        let mut wal = File::open(dir.path().join("t.db-wal")).unwrap();
+        let start = read_header(&mut wal).unwrap().unwrap().start();
+        let (whole, end) = read_committed(&mut wal, &start, None).unwrap();
+        assert!(whole.db_pages < grown, "the database shrank in between");
+        let mut parts = Committed::default();
+        let mut at = start;
+        loop {
+            let (one, next) = read_batch(&mut wal, &at, None, 1).unwrap();
+            if one.transactions == 0 {
+                break;
+            }
+            parts.append(one);
+            at = next;
+        }
+        assert_eq!(at, end);
+        assert_eq!(parts.pages, whole.pages);
+        assert_eq!(
+            (
+                parts.frames,
+                parts.db_pages,
+                parts.min_db_pages,
+                parts.transactions
+            ),
+            (
+                whole.frames,
+                whole.db_pages,
+                whole.min_db_pages,
+                whole.transactions
+            )
+        );
+        assert_eq!(parts.page_bytes(), whole.pages.len() as u64 * 4096);
     }
 }

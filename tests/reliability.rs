@@ -108,11 +108,8 @@ fn ack(w: &Replicating, committed: i64) -> i64 {
     committed
 }
 
-fn config(dir: &Path, db: &Path, replica: &Path) -> PathBuf {
-    config_with(dir, db, replica, "")
-}
-
-/// `config` with more settings for the replica (lines indented by 8).
+/// The soak's configuration, with `extra` settings for the replica (lines
+/// indented by 8).
 fn config_with(dir: &Path, db: &Path, replica: &Path, extra: &str) -> PathBuf {
     let cfg = dir.join("walstream.yml");
     std::fs::write(

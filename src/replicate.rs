@@ -141,12 +141,12 @@ pub struct Replicator {
     locked_frames: u64,
     /// When a rewind of the WAL was last attempted (see `maintain`).
     rewind_tried: Instant,
-    /// When a rewind under the write lock was last attempted.
+    /// When a rewind under the write lock was last attempted, and when one
+    /// last succeeded.
     gated_rewind_tried: Instant,
+    gated_rewound: Instant,
     /// Transactions read ahead of the shipped position and not yet stored,
-    /// with the WAL position after them: read under the write lock (see
-    /// `gated_rewind`), or, with a sync-interval, read so that the read lock
-    /// could move without an upload of its own (see `relock`). The WAL may
+    /// with the WAL position after them (see `gated_rewind`). The WAL may
     /// have been rewound since, so this can be their only copy outside the
     /// database file: they go up first, in the next segment.
     pending: Option<(wal::Committed, WalCursor)>,
@@ -220,6 +220,7 @@ impl Replicator {
             locked_frames: 0,
             rewind_tried: Instant::now(),
             gated_rewind_tried: Instant::now(),
+            gated_rewound: Instant::now(),
             pending: None,
             status,
         }))
@@ -388,31 +389,27 @@ impl Replicator {
     /// Begins a read transaction on the idle connection, ships everything
     /// committed, and only then ends the older read transaction. If shipping
     /// fails the older one is kept: it still protects every unshipped frame.
+    ///
+    /// Moving the lock for a checkpoint's sake costs an upload of whatever
+    /// was committed since the last one, even with a sync-interval. Holding
+    /// those transactions in memory instead was tried (one upload per
+    /// interval, 6300 -> 3600 PUTs an hour at 1000 tx/s and 1s), but the
+    /// lock that lets the WAL be rewound has read mark 0, which protects no
+    /// frame: the application's next write overwrote them, and a walstream
+    /// killed before its next upload had to start a new generation (19 of
+    /// 100 kill -9 rounds at a 150ms interval, nearly every kill at 1s), a
+    /// full snapshot after a crash. Not worth a request a second.
     fn advance(&mut self) -> Result<()> {
-        self.move_lock(false)
-    }
-
-    /// Moves the read lock to the end of the WAL for a checkpoint's sake.
-    /// Without a sync-interval this is `advance`. With one, the transactions
-    /// after the shipped position are read into `pending` instead of being
-    /// uploaded, and go up with the next regular upload: checkpoints need the
-    /// lock moved about once a second, and an upload for each move broke
-    /// the one-upload-per-interval promise. Only what fits in one segment is
-    /// held; a longer tail is shipped at once, as `advance` does.
-    fn relock(&mut self) -> Result<()> {
-        self.move_lock(!self.opts.sync_interval.is_zero())
-    }
-
-    fn move_lock(&mut self, hold: bool) -> Result<()> {
-        if !(hold && self.move_lock_holding()?) {
-            self.move_lock_with(|r| r.sync().map(|()| true))?;
-        }
+        self.move_lock_with(|r| r.sync().map(|()| true))?;
         Ok(())
     }
 
     /// Moves the read lock to the end of the WAL if the transactions after
     /// the shipped position fit in `pending`, without any upload. Returns
-    /// whether it moved.
+    /// whether it moved. Safe while the frames held stay in the WAL: the new
+    /// lock takes a read mark above 0 whenever there is anything to hold
+    /// (the older lock kept the WAL from being fully checkpointed), and such
+    /// a mark keeps the WAL from being rewound.
     fn move_lock_holding(&mut self) -> Result<bool> {
         self.move_lock_with(Self::read_ahead)
     }
@@ -672,7 +669,7 @@ impl Replicator {
             // few frames since: if no commit lands in between, the WAL is
             // fully checkpointed.
             self.rewind_tried = Instant::now();
-            self.relock()?;
+            self.advance()?;
             let (shipped_frames, file_frames) = self.wal_frames();
             outcome = self.checkpointer.passive(
                 &self.conns[1 - self.active],
@@ -686,25 +683,20 @@ impl Replicator {
             // Sit on the fully checkpointed WAL: the new read transaction gets
             // read mark 0, which does not stand in the way of the
             // application's next write rewinding the WAL to its start.
-            self.relock()?;
+            self.advance()?;
         }
         if self.checkpointer.truncate_due() {
             // Move the read lock onto the now fully checkpointed WAL (SQLite
             // then gives it read mark 0, which does not stand in the way of a
-            // TRUNCATE), shipping (or holding) anything new first, and
-            // truncate at once.
-            self.relock()?;
+            // TRUNCATE), shipping anything new first, and truncate at once.
+            self.advance()?;
             let outcome = self
                 .checkpointer
                 .truncate(&self.conns[1 - self.active], &self.db)?;
             self.count_checkpoint(outcome);
             return Ok(());
         }
-        // With a sync-interval, whatever the outcome: a checkpoint that
-        // completes often ends in a lock that landed behind the application's
-        // next commit, and then the WAL is not rewound either.
-        if (outcome == (Outcome::Passive { complete: false })
-            || !self.opts.sync_interval.is_zero())
+        if outcome == (Outcome::Passive { complete: false })
             // The WAL's content, not its file: a rewound WAL keeps its size.
             && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
             && self.gated_rewind_tried.elapsed() >= GATED_REWIND_EVERY
@@ -717,10 +709,12 @@ impl Replicator {
 
     /// Whether, with a sync-interval, the WAL has grown past
     /// `max-checkpoint-page-count` since it was last rewound: rewinds under
-    /// the write lock are then also tried between rounds.
+    /// the write lock are then also tried between rounds, at most one a
+    /// second (each costs an upload).
     fn rewind_wanted(&self) -> bool {
         !self.opts.sync_interval.is_zero()
             && self.state.is_some()
+            && self.gated_rewound.elapsed() >= LOCK_ADVANCE_EVERY
             && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
     }
 
@@ -741,8 +735,8 @@ impl Replicator {
     ///
     /// `between` is set for the tries made between two rounds with a
     /// sync-interval (a round tries once, and a writer that never pauses
-    /// often holds the lock just then): those never upload, and give up if
-    /// the unshipped tail does not fit in memory.
+    /// often holds the lock just then): those upload only after a rewind,
+    /// and give up if the unshipped tail does not fit in memory.
     fn gated_rewind(&mut self, between: bool) -> Result<()> {
         // Copy nearly everything first, without the lock, so that little is
         // left to copy while holding it.
@@ -751,7 +745,7 @@ impl Replicator {
                 return Ok(());
             }
         } else {
-            self.relock()?;
+            self.advance()?;
         }
         let r = db::checkpoint(&self.conns[1 - self.active], &self.db, "PASSIVE")?;
         if !r.busy
@@ -782,13 +776,14 @@ impl Replicator {
         let result = self.under_gate();
         let _ = self.conns[1 - self.active].execute_batch("ROLLBACK");
         let rewound = result?;
+        if rewound {
+            self.gated_rewound = Instant::now();
+        }
         self.status.checkpoint("gated");
         let held = self.pending.as_ref().map_or(0, |(c, _)| c.transactions);
         tracing::debug!(db = %self.db.display(), rewound, held, "checkpoint under the write lock");
-        if self.opts.sync_interval.is_zero() {
-            self.ship_pending()?;
-        }
-        Ok(())
+        // The lock now has read mark 0, which protects none of them.
+        self.ship_pending()
     }
 
     /// The part of `gated_rewind` done while holding the write lock. Returns

@@ -146,7 +146,9 @@ pub struct Replicator {
     gated_rewind_tried: Instant,
     gated_rewound: Instant,
     /// Transactions read ahead of the shipped position and not yet stored,
-    /// with the WAL position after them (see `gated_rewind`). The WAL may
+    /// with the WAL position after them: read under the write lock (see
+    /// `gated_rewind`), or, with a sync-interval, read so that the read lock
+    /// could move without an upload of its own (see `relock`). The WAL may
     /// have been rewound since, so this can be their only copy outside the
     /// database file: they go up first, in the next segment.
     pending: Option<(wal::Committed, WalCursor)>,
@@ -389,27 +391,42 @@ impl Replicator {
     /// Begins a read transaction on the idle connection, ships everything
     /// committed, and only then ends the older read transaction. If shipping
     /// fails the older one is kept: it still protects every unshipped frame.
-    ///
-    /// Moving the lock for a checkpoint's sake costs an upload of whatever
-    /// was committed since the last one, even with a sync-interval. Holding
-    /// those transactions in memory instead was tried (one upload per
-    /// interval, 6300 -> 3600 PUTs an hour at 1000 tx/s and 1s), but the
-    /// lock that lets the WAL be rewound has read mark 0, which protects no
-    /// frame: the application's next write overwrote them, and a walstream
-    /// killed before its next upload had to start a new generation (19 of
-    /// 100 kill -9 rounds at a 150ms interval, nearly every kill at 1s), a
-    /// full snapshot after a crash. Not worth a request a second.
     fn advance(&mut self) -> Result<()> {
-        self.move_lock_with(|r| r.sync().map(|()| true))?;
+        self.move_lock(false)
+    }
+
+    /// Moves the read lock to the end of the WAL for a checkpoint's sake.
+    /// Without a sync-interval this is `advance`. With one, the transactions
+    /// after the shipped position are read into `pending` instead of being
+    /// uploaded, and go up with the next regular upload: checkpoints need the
+    /// lock moved about once a second, and an upload for each move broke
+    /// the one-upload-per-interval promise. Only what fits in one segment is
+    /// held; a longer tail is shipped at once, as `advance` does.
+    ///
+    /// Once the lock sits on read mark 0 the held frames are protected by
+    /// nothing, and after the application rewinds the WAL they exist only
+    /// here until the next upload. That costs no safety: a walstream
+    /// restarted after any rewind since its last upload starts a new
+    /// generation anyway (the WAL no longer continues that upload's
+    /// position), whether the frames went up first or not; nothing
+    /// acknowledged is lost either way (the kill -9 soak with a
+    /// sync-interval: 19 and 29 new generations in 100 rounds, with and
+    /// without holding; most come from the application's own checkpoints
+    /// while walstream is down).
+    fn relock(&mut self) -> Result<()> {
+        self.move_lock(!self.opts.sync_interval.is_zero())
+    }
+
+    fn move_lock(&mut self, hold: bool) -> Result<()> {
+        if !(hold && self.move_lock_holding()?) {
+            self.move_lock_with(|r| r.sync().map(|()| true))?;
+        }
         Ok(())
     }
 
     /// Moves the read lock to the end of the WAL if the transactions after
     /// the shipped position fit in `pending`, without any upload. Returns
-    /// whether it moved. Safe while the frames held stay in the WAL: the new
-    /// lock takes a read mark above 0 whenever there is anything to hold
-    /// (the older lock kept the WAL from being fully checkpointed), and such
-    /// a mark keeps the WAL from being rewound.
+    /// whether it moved.
     fn move_lock_holding(&mut self) -> Result<bool> {
         self.move_lock_with(Self::read_ahead)
     }
@@ -669,7 +686,7 @@ impl Replicator {
             // few frames since: if no commit lands in between, the WAL is
             // fully checkpointed.
             self.rewind_tried = Instant::now();
-            self.advance()?;
+            self.relock()?;
             let (shipped_frames, file_frames) = self.wal_frames();
             outcome = self.checkpointer.passive(
                 &self.conns[1 - self.active],
@@ -683,20 +700,25 @@ impl Replicator {
             // Sit on the fully checkpointed WAL: the new read transaction gets
             // read mark 0, which does not stand in the way of the
             // application's next write rewinding the WAL to its start.
-            self.advance()?;
+            self.relock()?;
         }
         if self.checkpointer.truncate_due() {
             // Move the read lock onto the now fully checkpointed WAL (SQLite
             // then gives it read mark 0, which does not stand in the way of a
-            // TRUNCATE), shipping anything new first, and truncate at once.
-            self.advance()?;
+            // TRUNCATE), shipping (or holding) anything new first, and
+            // truncate at once.
+            self.relock()?;
             let outcome = self
                 .checkpointer
                 .truncate(&self.conns[1 - self.active], &self.db)?;
             self.count_checkpoint(outcome);
             return Ok(());
         }
-        if outcome == (Outcome::Passive { complete: false })
+        // With a sync-interval, whatever the outcome: a checkpoint that
+        // completes often ends in a lock that landed behind the application's
+        // next commit, and then the WAL is not rewound either.
+        if (outcome == (Outcome::Passive { complete: false })
+            || !self.opts.sync_interval.is_zero())
             // The WAL's content, not its file: a rewound WAL keeps its size.
             && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
             && self.gated_rewind_tried.elapsed() >= GATED_REWIND_EVERY
@@ -709,8 +731,8 @@ impl Replicator {
 
     /// Whether, with a sync-interval, the WAL has grown past
     /// `max-checkpoint-page-count` since it was last rewound: rewinds under
-    /// the write lock are then also tried between rounds, at most one a
-    /// second (each costs an upload).
+    /// the write lock are then also tried between rounds, with at most one
+    /// success a second (each holds up the application's writers briefly).
     fn rewind_wanted(&self) -> bool {
         !self.opts.sync_interval.is_zero()
             && self.state.is_some()
@@ -735,8 +757,8 @@ impl Replicator {
     ///
     /// `between` is set for the tries made between two rounds with a
     /// sync-interval (a round tries once, and a writer that never pauses
-    /// often holds the lock just then): those upload only after a rewind,
-    /// and give up if the unshipped tail does not fit in memory.
+    /// often holds the lock just then): those never upload, and give up if
+    /// the unshipped tail does not fit in memory.
     fn gated_rewind(&mut self, between: bool) -> Result<()> {
         // Copy nearly everything first, without the lock, so that little is
         // left to copy while holding it.
@@ -745,7 +767,7 @@ impl Replicator {
                 return Ok(());
             }
         } else {
-            self.advance()?;
+            self.relock()?;
         }
         let r = db::checkpoint(&self.conns[1 - self.active], &self.db, "PASSIVE")?;
         if !r.busy
@@ -782,8 +804,10 @@ impl Replicator {
         self.status.checkpoint("gated");
         let held = self.pending.as_ref().map_or(0, |(c, _)| c.transactions);
         tracing::debug!(db = %self.db.display(), rewound, held, "checkpoint under the write lock");
-        // The lock now has read mark 0, which protects none of them.
-        self.ship_pending()
+        if self.opts.sync_interval.is_zero() {
+            self.ship_pending()?;
+        }
+        Ok(())
     }
 
     /// The part of `gated_rewind` done while holding the write lock. Returns

@@ -506,13 +506,13 @@ fn sync_interval_polls_while_busy_and_wakes_on_the_first_commit_after_idle() {
     assert_same(&db, &out);
 }
 
-/// With a sync-interval the WAL must still be rewound and stay bounded, and
-/// uploads stay spaced: one per interval, plus up to two for each rewind
-/// (the lock is moved to the end, then onto the checkpointed WAL, and that
-/// lock protects no frame, so what was committed since the last upload goes
-/// up first each time), plus those cut for size.
-/// A round once chased a writer through a rewound WAL's stale space in
-/// hundreds of tiny segments.
+/// A sync-interval is a promise about requests: one upload per interval
+/// under a steady load (and those cut for size), however often the WAL has
+/// to be rewound meanwhile (moving the read lock so that the WAL can be
+/// rewound used to cost one or two extra small uploads about once a
+/// second, and a round once chased a writer through a rewound WAL's stale
+/// space in hundreds of tiny segments). The WAL must stay bounded and the
+/// restore exact all the same.
 #[test]
 fn sync_interval_holds_while_the_wal_is_rewound() {
     sync_interval_under_load(400, 3);
@@ -594,19 +594,20 @@ fn sync_interval_under_load(interval_ms: u64, pause_ms: u64) {
          WAL max {max_seen} bytes, {:.1} MB/s of WAL written",
         rate / 1e6
     );
-    // One upload per interval, two per rewind, those cut for size, the
-    // final one at shutdown and a little slack.
+    // One upload per interval, those cut for size, the final one at
+    // shutdown and a little slack.
     let interval = interval_ms as f64 / 1000.0;
     assert!(
-        (segments as f64) <= secs / interval + 2.0 * resets as f64 + cuts as f64 + 3.0,
+        (segments as f64) <= secs / interval + cuts as f64 + 3.0,
         "{segments} segments ({cuts} for size, {resets} rewinds) in {secs:.1} s at sync-interval {interval_ms}ms"
     );
     assert!(resets >= 2, "the WAL was rewound only {resets} times");
     // The WAL holds what is written between two rewinds: about an
-    // interval's worth, or a second's (rewinds are tried at most once a
-    // second). Growing without bound would show here.
+    // interval's worth, or a second's (rewinds under the write lock succeed
+    // at most once a second), and a margin for a slow round. Growing without
+    // bound (everything written, before) would show here.
     assert!(
-        (max_seen as f64) < 2.0 * rate * interval.max(1.0) + 3.0 * 400.0 * 4120.0,
+        (max_seen as f64) < 4.0 * rate * interval.max(1.0) + 3.0 * 400.0 * 4120.0,
         "WAL grew to {max_seen} bytes at {:.1} MB/s",
         rate / 1e6
     );

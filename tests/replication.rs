@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -451,22 +452,10 @@ fn idle_database_costs_nothing() {
 /// must still ship within a fraction of a second.
 #[test]
 fn sync_interval_polls_while_busy_and_wakes_on_the_first_commit_after_idle() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("app.db");
-    let replica = dir.path().join("replica");
-    let cfg = dir.path().join("w.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    monitor-interval: 60s\n    replicas:\n      - url: file://{}\n        sync-interval: 200ms\n",
-            db.display(),
-            replica.display()
-        ),
-    )
-    .unwrap();
-    let c = app(&db);
-    create_items(&c);
-    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    let (dir, db, replica, c, w) = replicated(
+        "    monitor-interval: 60s\n",
+        "        sync-interval: 200ms\n",
+    );
     let mut k = 0;
     let mut commit = || {
         c.execute("INSERT INTO items(k, v) VALUES (?1, 'row')", [k])
@@ -528,22 +517,8 @@ fn sync_interval_holds_under_a_writer_that_never_pauses() {
 }
 
 fn sync_interval_under_load(interval_ms: u64, pause_ms: u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("app.db");
-    let replica = dir.path().join("replica");
-    let cfg = dir.path().join("w.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    min-checkpoint-page-count: 100\n    max-checkpoint-page-count: 400\n    replicas:\n      - url: file://{}\n        sync-interval: {interval_ms}ms\n",
-            db.display(),
-            replica.display()
-        ),
-    )
-    .unwrap();
-    let mut c = app(&db);
-    create_items(&c);
-    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    let (dir, db, replica, mut c, w) =
+        replicated_with_a_small_wal(&format!("        sync-interval: {interval_ms}ms\n"));
     w.wait_quiet();
     let before = w.count("shipped segment");
     let mut rng = Rng::new(23);
@@ -604,10 +579,11 @@ fn sync_interval_under_load(interval_ms: u64, pause_ms: u64) {
     assert!(resets >= 2, "the WAL was rewound only {resets} times");
     // The WAL holds what is written between two rewinds: about an
     // interval's worth, or a second's (rewinds under the write lock succeed
-    // at most once a second), and a margin for a slow round. Growing without
-    // bound (everything written, before) would show here.
+    // at most once a second), and a wide margin for a machine busy with
+    // other tests. Never being rewound (everything written, before) shows
+    // in the count of resets above.
     assert!(
-        (max_seen as f64) < 4.0 * rate * interval.max(1.0) + 3.0 * 400.0 * 4120.0,
+        (max_seen as f64) < 5.0 * rate * interval.max(1.0) + 3.0 * 400.0 * 4120.0,
         "WAL grew to {max_seen} bytes at {:.1} MB/s",
         rate / 1e6
     );
@@ -616,10 +592,30 @@ fn sync_interval_under_load(interval_ms: u64, pause_ms: u64) {
     assert_same(&db, &out);
 }
 
-/// Writes `random_txn`s for `secs` seconds with `pause_ms` between them while
-/// walstream replicates (max-checkpoint-page-count 400); checks the restore
-/// equals the source and returns the largest WAL size seen and the log.
-fn under_steady_load(pause_ms: u64, secs: u64) -> (u64, String) {
+/// What the `replicated` helpers hand back: the temporary directory, the
+/// database and replica paths in it, the application's connection and the
+/// running walstream.
+type Setup = (
+    tempfile::TempDir,
+    PathBuf,
+    PathBuf,
+    rusqlite::Connection,
+    Replicating,
+);
+
+/// `replicated` with min/max-checkpoint-page-count 100/400.
+fn replicated_with_a_small_wal(replica_extra: &str) -> Setup {
+    replicated(
+        "    min-checkpoint-page-count: 100\n    max-checkpoint-page-count: 400\n",
+        replica_extra,
+    )
+}
+
+/// A database with the `items` table in a temporary directory, replicated
+/// by walstream to a directory replica there, with `db_extra` settings for
+/// the database (lines indented by 4) and `replica_extra` for the replica
+/// (by 8).
+fn replicated(db_extra: &str, replica_extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let replica = dir.path().join("replica");
@@ -627,15 +623,23 @@ fn under_steady_load(pause_ms: u64, secs: u64) -> (u64, String) {
     std::fs::write(
         &cfg,
         format!(
-            "dbs:\n  - path: {}\n    min-checkpoint-page-count: 100\n    max-checkpoint-page-count: 400\n    replicas:\n      - url: file://{}\n",
+            "dbs:\n  - path: {}\n{db_extra}    replicas:\n      - url: file://{}\n{replica_extra}",
             db.display(),
             replica.display()
         ),
     )
     .unwrap();
-    let mut c = app(&db);
+    let c = app(&db);
     create_items(&c);
     let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
+    (dir, db, replica, c, w)
+}
+
+/// Writes `random_txn`s for `secs` seconds with `pause_ms` between them while
+/// walstream replicates (max-checkpoint-page-count 400); checks the restore
+/// equals the source and returns the largest WAL size seen and the log.
+fn under_steady_load(pause_ms: u64, secs: u64) -> (u64, String) {
+    let (dir, db, replica, mut c, w) = replicated_with_a_small_wal("");
     let mut rng = Rng::new(17);
     let wal = dir.path().join("app.db-wal");
     let (mut max_seen, mut transactions) = (0u64, 0u64);

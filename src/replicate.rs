@@ -74,9 +74,8 @@ pub struct ReplicateOptions {
     pub busy_timeout: Duration,
     /// Minimum time between two uploads. The first commit after a quiet
     /// period ships at once; under steady load uploads are spaced by this, so
-    /// request counts stay bounded (3600 PUTs an hour at 1s, plus at most one
-    /// small PUT a second when a WAL rewind needs the lock moved; see
-    /// `maintain`).
+    /// request counts stay bounded (3600 PUTs an hour at 1s; moving the lock
+    /// for a WAL rewind holds what it must read instead, see `relock`).
     pub sync_interval: Duration,
 }
 
@@ -311,10 +310,7 @@ impl Replicator {
                     // spells: while commits keep coming, the next round is
                     // due a sync-interval after this one anyway, and polling
                     // then costs less than the notifications in between.
-                    if let Some(w) = watch
-                        .as_mut()
-                        .filter(|_| !self.opts.sync_interval.is_zero())
-                    {
+                    if let Some(w) = watch.as_mut().filter(|_| self.spaced()) {
                         if self.last_upload != uploaded_before {
                             w.set_active(false);
                             timeout = self.opts.sync_interval;
@@ -414,7 +410,7 @@ impl Replicator {
     /// without holding; most come from the application's own checkpoints
     /// while walstream is down).
     fn relock(&mut self) -> Result<()> {
-        self.move_lock(!self.opts.sync_interval.is_zero())
+        self.move_lock(self.spaced())
     }
 
     fn move_lock(&mut self, hold: bool) -> Result<()> {
@@ -446,9 +442,25 @@ impl Replicator {
         }
         db::end_read(&self.conns[self.active], &self.db)?;
         self.active = next;
+        self.mark_locked();
+        Ok(true)
+    }
+
+    /// Whether uploads are spaced by a sync-interval (and lock moves hold
+    /// what they read rather than uploading it).
+    fn spaced(&self) -> bool {
+        !self.opts.sync_interval.is_zero()
+    }
+
+    /// Records that the read lock just moved to the read position.
+    fn mark_locked(&mut self) {
         self.locked_at = Instant::now();
         self.locked_frames = self.read_cursor().map_or(0, |c| c.frame_index());
-        Ok(true)
+    }
+
+    /// Page bytes held in `pending`.
+    fn held_bytes(&self) -> u64 {
+        self.pending.as_ref().map_or(0, |(c, _)| c.page_bytes())
     }
 
     /// Where reading the WAL goes on from: after what is held, else after
@@ -484,7 +496,7 @@ impl Replicator {
             at = header.start();
         }
         loop {
-            let held = self.pending.as_ref().map_or(0, |(c, _)| c.page_bytes());
+            let held = self.held_bytes();
             if held >= MAX_SEGMENT_BYTES {
                 return Ok(false);
             }
@@ -568,7 +580,7 @@ impl Replicator {
         let limit = Some(len);
         let mut start = start;
         loop {
-            let held = self.pending.as_ref().map_or(0, |(c, _)| c.page_bytes());
+            let held = self.held_bytes();
             let max = MAX_SEGMENT_BYTES.saturating_sub(held);
             let (committed, end) =
                 wal::read_batch(&mut file, &start, limit, max).io_ctx("read", &self.wal)?;
@@ -718,7 +730,7 @@ impl Replicator {
         // completes often ends in a lock that landed behind the application's
         // next commit, and then the WAL is not rewound either.
         if (outcome == (Outcome::Passive { complete: false })
-            || !self.opts.sync_interval.is_zero())
+            || self.spaced())
             // The WAL's content, not its file: a rewound WAL keeps its size.
             && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
             && self.gated_rewind_tried.elapsed() >= GATED_REWIND_EVERY
@@ -734,7 +746,7 @@ impl Replicator {
     /// the write lock are then also tried between rounds, with at most one
     /// success a second (each holds up the application's writers briefly).
     fn rewind_wanted(&self) -> bool {
-        !self.opts.sync_interval.is_zero()
+        self.spaced()
             && self.state.is_some()
             && self.gated_rewound.elapsed() >= LOCK_ADVANCE_EVERY
             && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
@@ -770,11 +782,7 @@ impl Replicator {
             self.relock()?;
         }
         let r = db::checkpoint(&self.conns[1 - self.active], &self.db, "PASSIVE")?;
-        if !r.busy
-            && r.log_frames >= 0
-            && r.log_frames == r.checkpointed
-            && self.opts.sync_interval.is_zero()
-        {
+        if !r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed && !self.spaced() {
             // Caught up without the lock after all. (With a sync-interval
             // the gate is taken anyway: moving the lock without it lands
             // behind the application's next commit more often than not, and
@@ -804,7 +812,7 @@ impl Replicator {
         self.status.checkpoint("gated");
         let held = self.pending.as_ref().map_or(0, |(c, _)| c.transactions);
         tracing::debug!(db = %self.db.display(), rewound, held, "checkpoint under the write lock");
-        if self.opts.sync_interval.is_zero() {
+        if !self.spaced() {
             self.ship_pending()?;
         }
         Ok(())
@@ -829,8 +837,7 @@ impl Replicator {
         // checkpointed WAL this one takes read mark 0.
         db::begin_read(lock, &self.db)?;
         let r = r?;
-        self.locked_at = Instant::now();
-        self.locked_frames = self.read_cursor().map_or(0, |c| c.frame_index());
+        self.mark_locked();
         Ok(!r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed)
     }
 

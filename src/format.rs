@@ -147,8 +147,11 @@ pub fn decode<H: DeserializeOwned>(
     }
     let expected = body_len(&header)?;
     let hlen = u32::from_be_bytes(data[12..16].try_into().unwrap()) as usize;
-    let mut body = Vec::new();
-    lz4_flex::frame::FrameDecoder::new(&content[16 + hlen..])
+    // Sized up front (growing by doubling copies the body again and again),
+    // but never beyond what the compressed bytes could expand to.
+    let compressed = &content[16 + hlen..];
+    let mut body = Vec::with_capacity(expected.min(compressed.len() as u64 * 256) as usize);
+    lz4_flex::frame::FrameDecoder::new(compressed)
         .take(expected.saturating_add(1))
         .read_to_end(&mut body)
         .map_err(|e| FormatError::Body(e.to_string()))?;

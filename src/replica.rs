@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::generation::{layout, Manifest};
-use crate::segment::{self, Segment, SegmentHeader};
+use crate::segment::{self, Segment, SegmentBody, SegmentHeader};
 use crate::snapshot::{self, SnapshotHeader};
 use crate::storage::DynStorage;
 
@@ -155,6 +155,14 @@ impl Replica {
 
     /// Downloads and verifies a segment, checking it is the one its key names.
     pub async fn get_segment(&self, generation: &str, index: u64) -> Result<Segment> {
+        Ok(self
+            .get_segment_body(generation, index)
+            .await?
+            .into_segment())
+    }
+
+    /// [`Replica::get_segment`], with the pages left in the body (restore).
+    pub async fn get_segment_body(&self, generation: &str, index: u64) -> Result<SegmentBody> {
         let key = layout::segment(generation, index);
         self.get_verified(&key, |h| {
             h.generation == generation && h.index == index && h.level == 0
@@ -180,6 +188,11 @@ impl Replica {
 
     /// Downloads and verifies a merged object against its key.
     pub async fn get_compacted(&self, generation: &str, c: &Compacted) -> Result<Segment> {
+        Ok(self.get_compacted_body(generation, c).await?.into_segment())
+    }
+
+    /// [`Replica::get_compacted`], with the pages left in the body (restore).
+    pub async fn get_compacted_body(&self, generation: &str, c: &Compacted) -> Result<SegmentBody> {
         let key = layout::compacted(generation, c.level, c.first, c.last, c.timestamp_ms);
         self.get_verified(&key, |h| {
             h.generation == generation
@@ -197,9 +210,9 @@ impl Replica {
         &self,
         key: &str,
         matches_key: impl Fn(&SegmentHeader) -> bool,
-    ) -> Result<Segment> {
+    ) -> Result<SegmentBody> {
         let data = self.get(key).await?;
-        let seg = segment::decode(&data).map_err(|source| Error::Corrupt {
+        let seg = segment::decode_body(&data).map_err(|source| Error::Corrupt {
             location: self.location(),
             key: key.to_string(),
             source,

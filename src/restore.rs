@@ -208,8 +208,8 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
             let (r, g, s) = (replica.clone(), gen.id.clone(), todo[next_fetch]);
             pending.push_back(tokio::spawn(async move {
                 match s.compacted {
-                    Some(c) => r.get_compacted(&g, &c).await,
-                    None => r.get_segment(&g, s.first).await,
+                    Some(c) => r.get_compacted_body(&g, &c).await,
+                    None => r.get_segment_body(&g, s.first).await,
                 }
             }));
             next_fetch += 1;
@@ -242,7 +242,8 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         let cut = (seg.header.min_db_pages() as u64 * ps)
             .min(file.metadata().io_ctx("stat", &tmp)?.len());
         file.set_len(cut).io_ctx("truncate", &tmp)?;
-        let live = seg.pages.range(..=seg.header.db_pages);
+        let last = seg.header.db_pages;
+        let live = seg.pages().take_while(|&(pgno, _)| pgno <= last);
         write_pages(&file, live, ps).io_ctx("write", &tmp)?;
         db_pages = seg.header.db_pages;
         file.set_len(db_pages as u64 * ps)
@@ -300,7 +301,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
 /// thousands of pages, and one system call each was a fifth of its time.
 fn write_pages<'a>(
     file: &File,
-    pages: impl Iterator<Item = (&'a u32, &'a Vec<u8>)>,
+    pages: impl Iterator<Item = (u32, &'a [u8])>,
     page_size: u64,
 ) -> std::io::Result<()> {
     // IOV_MAX is 1024 on Linux.
@@ -351,7 +352,7 @@ fn write_pages<'a>(
         run.clear();
         Ok(())
     };
-    for (&pgno, page) in pages {
+    for (pgno, page) in pages {
         let contiguous = !run.is_empty() && pgno == run_start + run.len() as u32;
         if !contiguous || run.len() == MAX_RUN {
             flush(run_start, &mut run)?;

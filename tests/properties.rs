@@ -264,6 +264,9 @@ fn hostile_segment_bodies_are_rejected() {
 
     let twice = [record(2, 1), record(2, 2)].concat();
     assert!(msg(&object(2, &twice)).contains("page 2 appears twice"));
+    // Records are sorted by page number (FORMAT.md); restore relies on it.
+    let unsorted = [record(2, 1), record(1, 2)].concat();
+    assert!(msg(&object(2, &unsorted)).contains("page 1 comes after page 2"));
 
     let one = record(1, 1);
     assert!(msg(&object(2, &one)).contains("the header says"));

@@ -399,8 +399,13 @@ fn small_replica(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     create_items(&c);
     let w = Replicating::db(&db, &replica);
     let mut rng = Rng::new(name.len() as u64);
-    for _ in 0..30 {
+    // Pauses past the directory default sync-interval (25ms), so that the
+    // replica holds several segments for the fault cases to break.
+    for i in 0..30 {
         random_txn(&mut c, &mut rng);
+        if i % 5 == 4 {
+            std::thread::sleep(Duration::from_millis(40));
+        }
     }
     w.wait_quiet();
     w.stop();

@@ -1,10 +1,11 @@
 //! How long after a commit is it durable on a directory replica?
 //!
 //! Runs the real binary against a real database, commits one small
-//! transaction at a time (spaced 50 ms apart, past the directory default
-//! `sync-interval` of 25 ms, so each is the first commit after a quiet spell
-//! and is shipped on its own at once) and measures the time from `COMMIT` returning to the segment file appearing in
-//! the replica. Run with `cargo bench --bench commit_latency`.
+//! transaction at a time (50 ms apart, past the directory default
+//! `sync-interval` of 25 ms, so each is the first commit after a quiet
+//! spell and ships on its own at once) and measures the time from `COMMIT`
+//! returning to the segment file appearing in the replica. Run with
+//! `cargo bench --bench commit_latency`.
 
 use std::path::Path;
 use std::process::{Command, Stdio};

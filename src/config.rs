@@ -258,12 +258,12 @@ pub struct ReplicaSettings {
 
 impl ReplicaSettings {
     /// Defaults per backend. A directory batches for 25 ms: every upload is
-    /// a durable file (create, write, fsync, rename, fsync of the directory),
-    /// and one per commit costs the kernel ~0.2 ms of CPU each (see the
-    /// `durable_write_floor` bench), 8-15x the daemon's CPU under load for at
-    /// most 25 ms less data at risk; the first commit after a quiet spell
-    /// still ships at once. S3 batches for up to a second, because every
-    /// upload is a billed request.
+    /// a durable file (create, write, fsync, rename, fsync of the directory,
+    /// most of a millisecond of kernel CPU each; see the `durable_write_floor`
+    /// bench), and one per commit cost 86-110 ms of CPU a second at 200 tx/s
+    /// against ~30 at 25 ms, for at most 25 ms less data at risk; the first
+    /// commit after a quiet spell still ships at once. S3 batches for up to
+    /// a second, because every upload is a billed request.
     pub fn new(target: ReplicaTarget) -> ReplicaSettings {
         let sync_interval = match &target {
             ReplicaTarget::S3(s3) => s3.sync_interval.unwrap_or(Duration::from_secs(1)),

@@ -11,7 +11,8 @@
 //!   appended (SQLite's own count of WAL frames written; CPU to the microsecond:
 //!   thread run times at the start, `wait4` at the exit), peak RSS;
 //! * storage requests per hour at 200 tx/s (S3);
-//! * application throughput of an unthrottled bulk load with each daemon;
+//! * application throughput of an unthrottled bulk load with each daemon,
+//!   and the largest the WAL file grew to during it;
 //! * restore time of a ~100 MB database, next to a plain file copy (medians
 //!   of three runs).
 //!
@@ -351,8 +352,12 @@ fn steady(b: &Bench, tool: Tool, target: &Target, rate: u64, tag: &str) -> Stead
 }
 
 /// Unthrottled bulk load (~100 MB of WAL); returns app tx/s, daemon CPU s/MiB and RSS.
-fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> (f64, f64, f64) {
+/// Application rate, daemon CPU per MiB of WAL, peak RSS MiB and peak WAL
+/// file size MiB of the unthrottled bulk load.
+fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> [f64; 4] {
     let db = b.dir.path().join(format!("{tag}.db"));
+    let wal = b.dir.path().join(format!("{tag}.db-wal"));
+    let mut peak_wal = 0u64;
     let mut c = app(&db);
     c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
         .unwrap();
@@ -377,6 +382,7 @@ fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> (f64, f64,
             .unwrap();
         }
         tx.commit().unwrap();
+        peak_wal = peak_wal.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
     }
     let rate = txs as f64 / t0.elapsed().as_secs_f64();
     let mib = wal_mib(wal_frames(&c) - frames0);
@@ -388,7 +394,12 @@ fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> (f64, f64,
         }
         None => (0.0, 0.0),
     };
-    (rate, cpu / mib.max(0.001), rss)
+    [
+        rate,
+        cpu / mib.max(0.001),
+        rss,
+        peak_wal as f64 / (1 << 20) as f64,
+    ]
 }
 
 /// Restore time of a ~100 MB database after a few changes, vs. a file copy.
@@ -527,15 +538,17 @@ fn main() {
         // from run to run: run every configuration in each of three rounds
         // and report medians.
         println!("\n## unthrottled bulk load (~100 MB of WAL, median of 3 rounds)");
-        println!("| daemon | target | app tx/s | vs. no daemon | CPU ms/MiB WAL | peak RSS MiB |");
-        println!("|---|---|---|---|---|---|");
+        println!(
+            "| daemon | target | app tx/s | vs. no daemon | CPU ms/MiB WAL | peak RSS MiB | peak WAL MiB |"
+        );
+        println!("|---|---|---|---|---|---|---|");
         let mut configs: Vec<(Option<Tool>, &str)> = vec![(None, "-")];
         for &kind in &kinds {
             for tool in [Tool::Walstream, Tool::Litestream] {
                 configs.push((Some(tool), kind));
             }
         }
-        let mut results: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); configs.len()];
+        let mut results: Vec<Vec<[f64; 4]>> = vec![Vec::new(); configs.len()];
         for round in 0..3 {
             // Each round starts with another configuration, so that none
             // always follows the same one.
@@ -557,16 +570,17 @@ fn main() {
         };
         let mut base = 0.0;
         for ((tool, kind), r) in configs.iter().zip(&results) {
-            let rate = median(&mut r.iter().map(|x| x.0).collect());
-            let cpu = median(&mut r.iter().map(|x| x.1).collect());
-            let rss = median(&mut r.iter().map(|x| x.2).collect());
+            let rate = median(&mut r.iter().map(|x| x[0]).collect());
+            let cpu = median(&mut r.iter().map(|x| x[1]).collect());
+            let rss = median(&mut r.iter().map(|x| x[2]).collect());
+            let wal = median(&mut r.iter().map(|x| x[3]).collect());
             match tool {
                 None => {
                     base = rate;
-                    println!("| none | - | {rate:.0} | 100% | - | - |");
+                    println!("| none | - | {rate:.0} | 100% | - | - | {wal:.1} |");
                 }
                 Some(t) => println!(
-                    "| {} | {kind} | {rate:.0} | {:.0}% | {:.2} | {rss:.1} |",
+                    "| {} | {kind} | {rate:.0} | {:.0}% | {:.2} | {rss:.1} | {wal:.1} |",
                     t.name(),
                     rate / base * 100.0,
                     cpu * 1000.0

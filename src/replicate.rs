@@ -57,11 +57,6 @@ const LOCK_ADVANCE_EVERY: Duration = Duration::from_secs(1);
 /// over `max-checkpoint-page-count` (each try fails at once when the
 /// application holds the lock).
 const GATED_REWIND_EVERY: Duration = Duration::from_millis(10);
-/// How long after a rewind under the write lock a round may do the next one.
-/// Each holds up the application's writers: one every round (every 25 ms at
-/// the directory default) cut a bulk load's rate by a third, and the WAL
-/// grows by at most this long's writes past `max-checkpoint-page-count`.
-const GATED_REWIND_SPACING: Duration = Duration::from_millis(100);
 /// How long a rewind waits for the application's current write transaction
 /// to end before giving up until the next try.
 const GATE_WAIT: Duration = Duration::from_millis(20);
@@ -739,7 +734,6 @@ impl Replicator {
             // The WAL's content, not its file: a rewound WAL keeps its size.
             && self.wal_frames().0 >= self.opts.max_checkpoint_page_count
             && self.gated_rewind_tried.elapsed() >= GATED_REWIND_EVERY
-            && self.gated_rewound.elapsed() >= GATED_REWIND_SPACING
         {
             self.gated_rewind_tried = Instant::now();
             self.gated_rewind(false)?;

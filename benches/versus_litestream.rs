@@ -351,21 +351,35 @@ fn steady(b: &Bench, tool: Tool, target: &Target, rate: u64, tag: &str) -> Stead
     }
 }
 
-/// Unthrottled bulk load (~100 MB of WAL); returns app tx/s, daemon CPU s/MiB and RSS.
-/// Application rate, daemon CPU per MiB of WAL, peak RSS MiB and peak WAL
-/// file size MiB of the unthrottled bulk load.
-fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> [f64; 4] {
+/// Writes back everything dirty in the page cache, so that a timed run does
+/// not pay for the writeback of the run before: ~200 MB left dirty by a
+/// bulk run slowed whichever configuration came next by a fifth to a half,
+/// and 100 MB throttle the next restore or copy.
+fn flush_page_cache() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// One unthrottled bulk load's figures.
+struct Bulk {
+    /// Application transactions per second.
+    rate: f64,
+    /// Daemon CPU seconds per MiB of WAL.
+    cpu_per_mib: f64,
+    rss_mib: f64,
+    /// The largest the WAL file grew to during the load.
+    peak_wal_mib: f64,
+}
+
+/// Unthrottled bulk load (~100 MB of WAL).
+fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> Bulk {
     let db = b.dir.path().join(format!("{tag}.db"));
     let wal = b.dir.path().join(format!("{tag}.db-wal"));
     let mut peak_wal = 0u64;
     let mut c = app(&db);
     c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
         .unwrap();
-    // The previous run left ~200 MB dirty in the page cache (its WAL and
-    // database); written back during this run, it slowed whichever
-    // configuration came next by a fifth to a half. Start from clean.
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    flush_page_cache();
     let child = tool.map(|t| b.start(t, &db, target));
     std::thread::sleep(Duration::from_millis(1500));
     let cpu0 = child.as_ref().map_or(0.0, |c| cpu_secs(c.id()));
@@ -394,12 +408,12 @@ fn bulk(b: &Bench, tool: Option<Tool>, target: &Target, tag: &str) -> [f64; 4] {
         }
         None => (0.0, 0.0),
     };
-    [
+    Bulk {
         rate,
-        cpu / mib.max(0.001),
-        rss,
-        peak_wal as f64 / (1 << 20) as f64,
-    ]
+        cpu_per_mib: cpu / mib.max(0.001),
+        rss_mib: rss,
+        peak_wal_mib: peak_wal as f64 / (1 << 20) as f64,
+    }
 }
 
 /// Restore time of a ~100 MB database after a few changes, vs. a file copy.
@@ -442,18 +456,14 @@ fn restore_time(b: &Bench, tool: Tool, target: &Target, tag: &str) -> (f64, f64,
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[1]
     };
-    // Each timed run starts from a clean page cache (see `bulk`): 100 MB
-    // of dirty pages from the run before throttle the next writer.
     let restore = median(&mut |i| {
         let out = b.dir.path().join(format!("{tag}-restored{i}.db"));
-        // SAFETY: sync(2) takes no arguments and cannot fail.
-        unsafe { libc::sync() };
+        flush_page_cache();
         b.restore(tool, target, &out).as_secs_f64()
     });
     let copy = median(&mut |i| {
         let copy_to = b.dir.path().join(format!("{tag}-copy{i}.db"));
-        // SAFETY: as above.
-        unsafe { libc::sync() };
+        flush_page_cache();
         let t = Instant::now();
         std::fs::copy(&db, &copy_to).unwrap();
         t.elapsed().as_secs_f64()
@@ -462,8 +472,7 @@ fn restore_time(b: &Bench, tool: Tool, target: &Target, tag: &str) -> (f64, f64,
     // same for a copy.
     let synced = median(&mut |i| {
         let synced_to = b.dir.path().join(format!("{tag}-copy-synced{i}.db"));
-        // SAFETY: as above.
-        unsafe { libc::sync() };
+        flush_page_cache();
         let t = Instant::now();
         std::fs::copy(&db, &synced_to).unwrap();
         std::fs::File::open(&synced_to).unwrap().sync_all().unwrap();
@@ -548,7 +557,7 @@ fn main() {
                 configs.push((Some(tool), kind));
             }
         }
-        let mut results: Vec<Vec<[f64; 4]>> = vec![Vec::new(); configs.len()];
+        let mut results: Vec<Vec<Bulk>> = (0..configs.len()).map(|_| Vec::new()).collect();
         for round in 0..3 {
             // Each round starts with another configuration, so that none
             // always follows the same one.
@@ -570,10 +579,10 @@ fn main() {
         };
         let mut base = 0.0;
         for ((tool, kind), r) in configs.iter().zip(&results) {
-            let rate = median(&mut r.iter().map(|x| x[0]).collect());
-            let cpu = median(&mut r.iter().map(|x| x[1]).collect());
-            let rss = median(&mut r.iter().map(|x| x[2]).collect());
-            let wal = median(&mut r.iter().map(|x| x[3]).collect());
+            let rate = median(&mut r.iter().map(|x| x.rate).collect());
+            let cpu = median(&mut r.iter().map(|x| x.cpu_per_mib).collect());
+            let rss = median(&mut r.iter().map(|x| x.rss_mib).collect());
+            let wal = median(&mut r.iter().map(|x| x.peak_wal_mib).collect());
             match tool {
                 None => {
                     base = rate;

@@ -256,6 +256,9 @@ pub struct ReplicaSettings {
     pub validation_interval: Option<Duration>,
 }
 
+/// Default `sync-interval` of a directory replica (see `ReplicaSettings::new`).
+pub const DEFAULT_FILE_SYNC_INTERVAL: Duration = Duration::from_millis(25);
+
 impl ReplicaSettings {
     /// Defaults per backend. A directory batches for 25 ms: every upload is
     /// a durable file (create, write, fsync, rename, fsync of the directory,
@@ -267,7 +270,7 @@ impl ReplicaSettings {
     pub fn new(target: ReplicaTarget) -> ReplicaSettings {
         let sync_interval = match &target {
             ReplicaTarget::S3(s3) => s3.sync_interval.unwrap_or(Duration::from_secs(1)),
-            ReplicaTarget::File { .. } => Duration::from_millis(25),
+            ReplicaTarget::File { .. } => DEFAULT_FILE_SYNC_INTERVAL,
         };
         ReplicaSettings {
             target,

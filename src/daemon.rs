@@ -470,13 +470,18 @@ pub fn scan(d: &DirSettings) -> Result<Vec<DbSettings>> {
     Ok(found)
 }
 
+/// Whether `path` starts with SQLite's header. A database the process
+/// already holds open is not opened again; any other is read through
+/// `DbFile`, so that even a scan racing a replicator that starts on the same
+/// file cannot close a descriptor its locks depend on.
 fn is_sqlite(path: &Path) -> bool {
-    use std::io::Read;
+    if crate::db::DbFile::is_open(path) {
+        return true;
+    }
     let mut magic = [0u8; 16];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .map(|_| &magic == b"SQLite format 3\0")
-        .unwrap_or(false)
+    crate::db::DbFile::open(path)
+        .and_then(|f| f.read_exact_at(&mut magic, 0).io_ctx("read", path))
+        .is_ok_and(|_| &magic == b"SQLite format 3\0")
 }
 
 /// One (database, replica) worker.

@@ -8,9 +8,11 @@
 //! into the database file. See `replicate` for how the lock is moved forward
 //! without a gap.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{ErrorKind, Read, Seek, SeekFrom};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use rusqlite::{config::DbConfig, Connection, OpenFlags};
@@ -50,18 +52,189 @@ pub fn check_directory(db: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Opens a connection walstream uses for locking and checkpointing. It never
-/// creates the file and never checkpoints on close (so stopping walstream
-/// leaves the WAL in place and a restart can prove continuity).
-pub fn open_connection(db: &Path, busy_timeout: Duration) -> Result<Connection> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        | OpenFlags::SQLITE_OPEN_URI;
-    let conn = Connection::open_with_flags(db, flags).db_ctx(db)?;
-    conn.busy_timeout(busy_timeout).db_ctx(db)?;
-    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
-        .db_ctx(db)?;
-    Ok(conn)
+/// (device, inode) of a file: what POSIX locks are attached to.
+pub type FileId = (u64, u64);
+
+/// The id of the file `path` names now.
+pub fn file_id(path: &Path) -> Result<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).io_ctx("stat", path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Every open database file of the process, by file id. Opening and
+/// closing descriptors happens only under this lock (see `DbFile`).
+fn registry() -> MutexGuard<'static, HashMap<FileId, Arc<OpenFile>>> {
+    static OPEN: OnceLock<Mutex<HashMap<FileId, Arc<OpenFile>>>> = OnceLock::new();
+    OPEN.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+struct OpenFile {
+    path: PathBuf,
+    id: FileId,
+    file: File,
+    /// Descriptors of the same file opened by a lost race in `DbFile::open`
+    /// (the path pointed elsewhere when it was looked up). Closing them would
+    /// drop the locks too, so they live as long as `file`.
+    spare: Mutex<Vec<File>>,
+}
+
+/// The process's one descriptor of a database file, shared by everything in
+/// walstream that reads it.
+///
+/// POSIX advisory locks belong to the process and the file, not to the
+/// descriptor: closing *any* descriptor of the database file drops every
+/// lock the process holds on it, including the SHARED lock of walstream's
+/// own SQLite connections (sqlite.org/howtocorrupt.html, section 2.2).
+/// Another process's SQLite could then take the EXCLUSIVE lock when its last
+/// connection closes, checkpoint, and delete the WAL under walstream's read
+/// transaction: the replica would get pages that never belonged together.
+///
+/// Hence the rule, for every contributor: **nothing in walstream opens a
+/// database file except `DbFile::open`, every read of its pages goes through
+/// `DbFile::read_exact_at`, and every SQLite connection to it is made by
+/// `DbFile::connect`** (which keeps a handle alive for as long as the
+/// connection lives). The descriptor is closed only when the last handle
+/// goes, under the registry's lock, so no new handle or connection to the
+/// same file can appear in between. WAL files carry no SQLite locks and may
+/// be opened directly; `-shm` files must never be opened.
+pub struct DbFile {
+    /// `Some` until dropped (taken in `drop`, to be closed under the lock).
+    open: Option<Arc<OpenFile>>,
+}
+
+impl DbFile {
+    /// Opens `path` read-only, or returns another handle to the descriptor
+    /// the process already holds for the same file.
+    pub fn open(path: &Path) -> Result<DbFile> {
+        let mut reg = registry();
+        if let Ok(id) = file_id(path) {
+            if let Some(open) = reg.get(&id) {
+                return Ok(DbFile {
+                    open: Some(open.clone()),
+                });
+            }
+        }
+        let file = File::open(path).io_ctx("open", path)?;
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            let m = file.metadata().io_ctx("stat", path)?;
+            (m.dev(), m.ino())
+        };
+        if let Some(open) = reg.get(&id) {
+            // The name moved onto a file already held since the lookup.
+            open.spare
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(file);
+            return Ok(DbFile {
+                open: Some(open.clone()),
+            });
+        }
+        let open = Arc::new(OpenFile {
+            path: path.to_path_buf(),
+            id,
+            file,
+            spare: Mutex::new(Vec::new()),
+        });
+        reg.insert(id, open.clone());
+        Ok(DbFile { open: Some(open) })
+    }
+
+    /// Whether the process holds the file `path` names open (without
+    /// opening it).
+    pub fn is_open(path: &Path) -> bool {
+        file_id(path).is_ok_and(|id| registry().contains_key(&id))
+    }
+
+    fn inner(&self) -> &OpenFile {
+        self.open.as_ref().expect("open until dropped")
+    }
+
+    /// The path the file was opened by.
+    pub fn path(&self) -> &Path {
+        &self.inner().path
+    }
+
+    /// (device, inode) of the open file.
+    pub fn id(&self) -> FileId {
+        self.inner().id
+    }
+
+    /// Current length of the file.
+    pub fn len(&self) -> std::io::Result<u64> {
+        Ok(self.inner().file.metadata()?.len())
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.inner().file.read_exact_at(buf, offset)
+    }
+
+    /// Opens a connection walstream uses for locking and checkpointing. It
+    /// never creates the file and never checkpoints on close (so stopping
+    /// walstream leaves the WAL in place and a restart can prove
+    /// continuity). Fails with `Error::Replaced` if the path no longer names
+    /// this file.
+    pub fn connect(&self, busy_timeout: Duration) -> Result<DbConn> {
+        let db = self.path();
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let conn = Connection::open_with_flags(db, flags).db_ctx(db)?;
+        let conn = DbConn {
+            conn,
+            _file: self.clone(),
+        };
+        if file_id(db)? != self.id() {
+            return Err(Error::Replaced {
+                path: db.to_path_buf(),
+            });
+        }
+        conn.busy_timeout(busy_timeout).db_ctx(db)?;
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .db_ctx(db)?;
+        Ok(conn)
+    }
+}
+
+impl Clone for DbFile {
+    fn clone(&self) -> DbFile {
+        DbFile {
+            open: self.open.clone(),
+        }
+    }
+}
+
+impl Drop for DbFile {
+    fn drop(&mut self) {
+        let mut reg = registry();
+        let open = self.open.take().expect("dropped once");
+        // This handle and the registry's entry are the last references: no
+        // connection of the process uses the file any more. Close it while
+        // holding the lock, before anyone can open and lock it again.
+        if Arc::strong_count(&open) == 2 {
+            reg.remove(&open.id);
+        }
+        drop(open);
+    }
+}
+
+/// A walstream connection to a source database. It keeps the database's
+/// `DbFile` open for as long as it lives (the connection is dropped first).
+pub struct DbConn {
+    conn: Connection,
+    _file: DbFile,
+}
+
+impl std::ops::Deref for DbConn {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
 }
 
 /// Puts the database in WAL mode if it is not already, and returns its page
@@ -159,24 +332,28 @@ pub struct ImagePlan {
 /// file. The caller must hold a read transaction whose snapshot is at or
 /// before `cursor`, so the checkpointer cannot change any page that will be
 /// read from the database file.
-pub fn image_plan(db: &Path, page_size: u32, cursor: Option<&WalCursor>) -> Result<ImagePlan> {
+pub fn image_plan(db: &DbFile, page_size: u32, cursor: Option<&WalCursor>) -> Result<ImagePlan> {
     let (wal_pages, wal_db_pages) = match cursor {
         Some(c) if c.offset > wal::WAL_HEADER_SIZE => {
-            let wal_path = wal_path(db);
+            let wal_path = wal_path(db.path());
             let mut f = File::open(&wal_path).io_ctx("open", &wal_path)?;
             let header = wal::read_header(&mut f)
                 .io_ctx("read", &wal_path)?
                 .filter(|h| h.salt1 == c.salt1 && h.salt2 == c.salt2)
-                .ok_or_else(|| Error::Database {
-                    path: wal_path.clone(),
-                    message: "WAL changed while taking a snapshot".into(),
+                .ok_or_else(|| Error::ContinuityLost {
+                    path: db.path().to_path_buf(),
+                    reason: "the WAL changed under walstream's read lock while taking a snapshot"
+                        .into(),
                 })?;
             let (committed, end) = wal::read_committed(&mut f, &header.start(), Some(c.offset))
                 .io_ctx("read", &wal_path)?;
             if end != *c {
-                return Err(Error::Database {
-                    path: wal_path,
-                    message: "WAL no longer matches the shipped position".into(),
+                return Err(Error::ContinuityLost {
+                    path: db.path().to_path_buf(),
+                    reason: format!(
+                        "the WAL no longer holds the shipped frames (ends at offset {}, shipped up to {})",
+                        end.offset, c.offset
+                    ),
                 });
             }
             (committed.pages, Some(committed.db_pages))
@@ -185,11 +362,7 @@ pub fn image_plan(db: &Path, page_size: u32, cursor: Option<&WalCursor>) -> Resu
     };
     let db_pages = match wal_db_pages {
         Some(n) => n,
-        None => {
-            let mut file = File::open(db).io_ctx("open", db)?;
-            let len = file.metadata().io_ctx("stat", db)?.len();
-            header_db_pages(&mut file, page_size, len).io_ctx("read", db)?
-        }
+        None => header_db_pages(db, page_size).io_ctx("read", db.path())?,
     };
     Ok(ImagePlan {
         db_pages,
@@ -198,26 +371,33 @@ pub fn image_plan(db: &Path, page_size: u32, cursor: Option<&WalCursor>) -> Resu
     })
 }
 
+/// Pages read from the database file at a time while streaming an image.
+const IMAGE_CHUNK: u64 = 1 << 20;
+
 impl ImagePlan {
     /// Streams the image, page by page, into `out`.
-    pub fn write_to(&self, db: &Path, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let ps = self.page_size as usize;
-        let file = File::open(db)?;
-        let len = file.metadata()?.len();
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-        let mut page = vec![0u8; ps];
-        for pgno in 1..=self.db_pages {
-            let at = (pgno as u64 - 1) * ps as u64;
-            // Keep the reader in step even for pages taken from the WAL.
-            page.fill(0);
-            if at < len {
-                let n = (len - at).min(ps as u64) as usize;
-                reader.read_exact(&mut page[..n])?;
+    pub fn write_to(&self, db: &DbFile, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let ps = self.page_size as u64;
+        let len = db.len()?;
+        let per_chunk = (IMAGE_CHUNK / ps).max(1);
+        let mut buf = vec![0u8; (per_chunk * ps) as usize];
+        let mut pgno = 1u64;
+        while pgno <= self.db_pages as u64 {
+            let n = per_chunk.min(self.db_pages as u64 - pgno + 1);
+            let at = (pgno - 1) * ps;
+            let chunk = &mut buf[..(n * ps) as usize];
+            // Pages past the end of the file (only in the WAL) read as zeros
+            // here and come from the WAL below.
+            let have = len.saturating_sub(at).min(n * ps) as usize;
+            db.read_exact_at(&mut chunk[..have], at)?;
+            chunk[have..].fill(0);
+            for (i, page) in chunk.chunks_exact(ps as usize).enumerate() {
+                match self.wal_pages.get(&((pgno + i as u64) as u32)) {
+                    Some(p) => out.write_all(p)?,
+                    None => out.write_all(page)?,
+                }
             }
-            match self.wal_pages.get(&pgno) {
-                Some(p) => out.write_all(p)?,
-                None => out.write_all(&page)?,
-            }
+            pgno += n;
         }
         Ok(())
     }
@@ -225,14 +405,14 @@ impl ImagePlan {
 
 /// Database size in pages from the file header when it is valid, else from
 /// the file length.
-fn header_db_pages(file: &mut File, page_size: u32, file_len: u64) -> std::io::Result<u32> {
+fn header_db_pages(db: &DbFile, page_size: u32) -> std::io::Result<u32> {
+    let file_len = db.len()?;
     let by_len = (file_len / page_size as u64) as u32;
     if file_len < 100 {
         return Ok(by_len);
     }
     let mut h = [0u8; 100];
-    file.seek(SeekFrom::Start(0))?;
-    file.read_exact(&mut h)?;
+    db.read_exact_at(&mut h, 0)?;
     let change = wal::be32(&h[24..28]);
     let size = wal::be32(&h[28..32]);
     let valid_for = wal::be32(&h[92..96]);

@@ -50,6 +50,12 @@ pub enum Error {
     /// file must start over.
     #[error("database {}: the file was replaced by another one", path.display())]
     Replaced { path: PathBuf },
+    /// What walstream holds no longer provably matches the database (its
+    /// own connection reports corruption, or the WAL changed in a way its
+    /// read lock rules out): nothing more may be shipped into the current
+    /// generation; replication starts over with a new one.
+    #[error("database {}: continuity lost: {reason}", path.display())]
+    ContinuityLost { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
 }

@@ -33,11 +33,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use rusqlite::Connection;
 use tokio::runtime::Handle;
 
 use crate::checkpoint::{CheckpointPolicy, Checkpointer, Outcome};
-use crate::db;
+use crate::db::{self, DbConn, DbFile, FileId};
 use crate::error::{Error, IoContext, Result, SqlContext};
 use crate::generation::{self, Manifest};
 use crate::metrics::{ReplicaStatus, State};
@@ -123,7 +122,11 @@ pub struct Replicator {
     wal: PathBuf,
     replica: Replica,
     rt: Handle,
-    conns: [Connection; 2],
+    /// walstream's two connections (see the module doc). Each keeps `file`
+    /// open, so the process never loses its locks on the database.
+    conns: [DbConn; 2],
+    /// The database file: every page read (snapshots) goes through it.
+    file: DbFile,
     /// Index of the connection holding the read transaction.
     active: usize,
     page_size: u32,
@@ -132,8 +135,10 @@ pub struct Replicator {
     last_upload: Option<Instant>,
     /// WAL length read by the last round.
     wal_len: u64,
-    /// (device, inode) of the database file walstream opened.
-    file_id: (u64, u64),
+    /// (device, inode) of the WAL file last read. While walstream's
+    /// connections are open SQLite never deletes the WAL, so another inode
+    /// means continuity is lost (see `check_wal_file`).
+    wal_id: Option<FileId>,
     /// When the read lock last moved forward, and the shipped frame count
     /// then.
     locked_at: Instant,
@@ -193,10 +198,10 @@ impl Replicator {
         }
         let db = canonical(&opts.db)?;
         let wal = db::wal_path(&db);
-        let c0 = db::open_connection(&db, opts.busy_timeout)?;
+        let file = DbFile::open(&db)?;
+        let c0 = file.connect(opts.busy_timeout)?;
         let page_size = db::ensure_wal(&c0, &db)?;
-        let c1 = db::open_connection(&db, opts.busy_timeout)?;
-        let file_id = file_id(&db)?;
+        let c1 = file.connect(opts.busy_timeout)?;
         let checkpointer = Checkpointer::new(CheckpointPolicy {
             min_pages: opts.min_checkpoint_page_count,
             max_pages: opts.max_checkpoint_page_count,
@@ -210,13 +215,14 @@ impl Replicator {
             replica,
             rt,
             conns: [c0, c1],
+            file,
             active: 0,
             page_size,
             state: None,
             checkpointer,
             last_upload: None,
             wal_len: 0,
-            file_id,
+            wal_id: None,
             locked_at: Instant::now(),
             locked_frames: 0,
             rewind_tried: Instant::now(),
@@ -877,7 +883,7 @@ impl Replicator {
     /// with the database.
     fn snapshot(&mut self) -> Result<()> {
         let st = self.state.as_ref().expect("started").clone();
-        let plan = db::image_plan(&self.db, self.page_size, st.cursor.as_ref())?;
+        let plan = db::image_plan(&self.file, self.page_size, st.cursor.as_ref())?;
         let header = SnapshotHeader {
             generation: st.generation.clone(),
             index: st.next_index,
@@ -891,7 +897,7 @@ impl Replicator {
             .prefix(".walstream-snapshot-")
             .tempfile()
             .io_ctx("create temporary file for", &self.db)?;
-        snapshot::write_file(&header, tmp.path(), |w| plan.write_to(&self.db, w))
+        snapshot::write_file(&header, tmp.path(), |w| plan.write_to(&self.file, w))
             .io_ctx("write snapshot of", &self.db)?;
         let bytes = self
             .rt
@@ -1052,20 +1058,14 @@ impl Replicator {
 /// then starts over, which opens the new file and starts a new generation.
 impl Replicator {
     fn check_same_file(&self) -> Result<()> {
-        match file_id(&self.db) {
-            Ok(id) if id == self.file_id => Ok(()),
+        match db::file_id(&self.db) {
+            Ok(id) if id == self.file.id() => Ok(()),
             Ok(_) => Err(Error::Replaced {
                 path: self.db.clone(),
             }),
             Err(e) => Err(e),
         }
     }
-}
-
-fn file_id(db: &Path) -> Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(db).io_ctx("stat", db)?;
-    Ok((m.dev(), m.ino()))
 }
 
 fn canonical(db: &Path) -> Result<PathBuf> {

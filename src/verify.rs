@@ -256,7 +256,8 @@ enum Compared {
 
 /// Compares `restored` with the live database as of `restored_wal`.
 fn compare_live(db: &Path, restored: &Path, restored_wal: Option<WalPoint>) -> Result<Compared> {
-    let conn = db::open_connection(db, Duration::from_secs(5))?;
+    let live = db::DbFile::open(db)?;
+    let conn = live.connect(Duration::from_secs(5))?;
     db::begin_read(&conn, db)?;
     let result = (|| {
         let page_size: u32 = conn
@@ -290,7 +291,7 @@ fn compare_live(db: &Path, restored: &Path, restored_wal: Option<WalPoint>) -> R
                 restored_wal.map(|p| p.offset)
             ))
         };
-        let plan = db::image_plan(db, page_size, live_end.as_ref())?;
+        let plan = db::image_plan(&live, page_size, live_end.as_ref())?;
         let file = File::open(restored).io_ctx("open", restored)?;
         let restored_len = file.metadata().io_ctx("stat", restored)?.len();
         let mut cmp = Comparer {
@@ -299,7 +300,7 @@ fn compare_live(db: &Path, restored: &Path, restored_wal: Option<WalPoint>) -> R
             first_diff: None,
             buf: Vec::new(),
         };
-        plan.write_to(db, &mut cmp).io_ctx("read", db)?;
+        plan.write_to(&live, &mut cmp).io_ctx("read", db)?;
         if !same_position && (cmp.offset != restored_len || cmp.first_diff.is_some()) {
             return Ok(not_comparable());
         }

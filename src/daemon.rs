@@ -188,6 +188,7 @@ impl Daemon {
                 watcher: self.watcher.clone(),
                 wake: tx.clone(),
                 started: report.then_some(ready_tx),
+                force_new: None,
                 db: db.path.display().to_string(),
                 target: rs.target.to_string(),
             };
@@ -494,6 +495,8 @@ struct Job {
     wake: Sender<Control>,
     /// Present until the first start is reported (start-up pairs only).
     started: Option<oneshot::Sender<Result<()>>>,
+    /// Why the next start must begin a new generation (continuity was lost).
+    force_new: Option<String>,
     db: String,
     target: String,
 }
@@ -516,7 +519,13 @@ impl Job {
                         return Ok(());
                     }
                     self.status.set_state(State::Failing);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "replication failed, will restart");
+                    if let Error::ContinuityLost { reason, .. } = &e {
+                        self.status.continuity_lost();
+                        tracing::error!(error = %e, retry_in = ?backoff, "nothing more goes into this generation; starting a new one from a fresh snapshot");
+                        self.force_new = Some(format!("continuity lost: {reason}"));
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "replication failed, will restart");
+                    }
                     match control.recv_timeout(backoff) {
                         Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
                             return Err(e)
@@ -548,7 +557,11 @@ impl Job {
         else {
             return Ok(());
         };
+        if let Some(reason) = &self.force_new {
+            r.force_new_generation(reason.clone());
+        }
         r.start()?;
+        self.force_new = None;
         if let Some(tx) = self.started.take() {
             let _ = tx.send(Ok(()));
         }

@@ -164,7 +164,7 @@ impl DbFile {
     }
 
     /// Current length of the file.
-    pub fn len(&self) -> std::io::Result<u64> {
+    pub fn file_len(&self) -> std::io::Result<u64> {
         Ok(self.inner().file.metadata()?.len())
     }
 
@@ -378,7 +378,7 @@ impl ImagePlan {
     /// Streams the image, page by page, into `out`.
     pub fn write_to(&self, db: &DbFile, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         let ps = self.page_size as u64;
-        let len = db.len()?;
+        let len = db.file_len()?;
         let per_chunk = (IMAGE_CHUNK / ps).max(1);
         let mut buf = vec![0u8; (per_chunk * ps) as usize];
         let mut pgno = 1u64;
@@ -406,7 +406,7 @@ impl ImagePlan {
 /// Database size in pages from the file header when it is valid, else from
 /// the file length.
 fn header_db_pages(db: &DbFile, page_size: u32) -> std::io::Result<u32> {
-    let file_len = db.len()?;
+    let file_len = db.file_len()?;
     let by_len = (file_len / page_size as u64) as u32;
     if file_len < 100 {
         return Ok(by_len);

@@ -51,6 +51,7 @@ pub struct Metrics {
     segments: Family<ReplicaLabels, Counter>,
     snapshots: Family<ReplicaLabels, Counter>,
     errors: Family<ReplicaLabels, Counter>,
+    continuity_lost: Family<ReplicaLabels, Counter>,
     checkpoints: Family<ModeLabels, Counter>,
     requests: Family<KindLabels, Counter>,
     request_errors: Family<KindLabels, Counter>,
@@ -92,6 +93,7 @@ pub struct ReplicaStatus {
     segments: Counter,
     snapshots: Counter,
     errors: Counter,
+    continuity_lost: Counter,
     compacted: Counter,
     pruned: Counter,
     validation_ok: Gauge,
@@ -131,6 +133,7 @@ impl Metrics {
             segments: Family::default(),
             snapshots: Family::default(),
             errors: Family::default(),
+            continuity_lost: Family::default(),
             checkpoints: Family::default(),
             requests: Family::default(),
             request_errors: Family::default(),
@@ -211,6 +214,11 @@ impl Metrics {
             m.errors.clone(),
         );
         registry.register(
+            "continuity_lost",
+            "Times what walstream read no longer provably matched the database (its own connection reported corruption, or the WAL changed under its lock) and a new generation was started",
+            m.continuity_lost.clone(),
+        );
+        registry.register(
             "checkpoints",
             "Checkpoints run by walstream, by mode",
             m.checkpoints.clone(),
@@ -250,6 +258,7 @@ impl Metrics {
             segments: self.segments.get_or_create(&l).clone(),
             snapshots: self.snapshots.get_or_create(&l).clone(),
             errors: self.errors.get_or_create(&l).clone(),
+            continuity_lost: self.continuity_lost.get_or_create(&l).clone(),
             compacted: self.compacted.get_or_create(&l).clone(),
             pruned: self.pruned.get_or_create(&l).clone(),
             validation_ok: self.validation_ok.get_or_create(&l).clone(),
@@ -323,6 +332,11 @@ impl ReplicaStatus {
         self.last_sync.set(at_ms as f64 / 1000.0);
         self.wal_size.set(wal_size as i64);
         self.position.set(position as i64);
+    }
+
+    /// Continuity with the database was lost; a new generation follows.
+    pub fn continuity_lost(&self) {
+        self.continuity_lost.inc();
     }
 
     pub fn shipped_segment(&self, bytes: u64) {

@@ -156,6 +156,9 @@ pub struct Replicator {
     /// have been rewound since, so this can be their only copy outside the
     /// database file: they go up first, in the next segment.
     pending: Option<(wal::Committed, WalCursor)>,
+    /// Set by `force_new_generation`: `start` begins a new generation for
+    /// this reason instead of resuming.
+    forced: Option<String>,
     status: Arc<ReplicaStatus>,
 }
 
@@ -229,6 +232,7 @@ impl Replicator {
             gated_rewind_tried: Instant::now(),
             gated_rewound: Instant::now(),
             pending: None,
+            forced: None,
             status,
         }))
     }
@@ -236,7 +240,21 @@ impl Replicator {
     /// Resumes the replica's newest generation if the WAL on disk provably
     /// continues it, or starts a new generation. Takes the first read lock.
     pub fn start(&mut self) -> Result<()> {
+        self.start_inner().map_err(|e| lost_if_corrupt(e, &self.db))
+    }
+
+    /// Makes `start` begin a new generation, whatever the replica holds:
+    /// after continuity was lost, the newest generation may already hold
+    /// pages the database never had together.
+    pub fn force_new_generation(&mut self, reason: String) {
+        self.forced = Some(reason);
+    }
+
+    fn start_inner(&mut self) -> Result<()> {
         db::begin_read(&self.conns[self.active], &self.db)?;
+        if let Some(reason) = self.forced.take() {
+            return self.new_generation(&reason);
+        }
         match self.resume()? {
             Ok(state) => {
                 tracing::info!(
@@ -330,7 +348,10 @@ impl Replicator {
                         timeout = timeout.min(GATED_REWIND_EVERY);
                     }
                 }
-                Err(e) if shutdown || matches!(e, Error::Replaced { .. }) => {
+                Err(e)
+                    if shutdown
+                        || matches!(e, Error::Replaced { .. } | Error::ContinuityLost { .. }) =>
+                {
                     self.release();
                     return Err(e);
                 }
@@ -374,6 +395,10 @@ impl Replicator {
     /// it on every commit let the application's own auto-checkpoint copy and
     /// fsync a few frames on nearly every commit, halving its write rate.
     pub fn tick(&mut self) -> Result<()> {
+        self.round().map_err(|e| lost_if_corrupt(e, &self.db))
+    }
+
+    fn round(&mut self) -> Result<()> {
         let shipped = self
             .state
             .as_ref()
@@ -484,7 +509,7 @@ impl Replicator {
     /// what was read stays held, and goes up first). While this runs a read
     /// lock at or before `read_cursor` must be held.
     fn read_ahead(&mut self) -> Result<bool> {
-        let Some(mut file) = self.open_wal()? else {
+        let Some((mut file, _)) = self.open_wal()? else {
             return Ok(true);
         };
         let (Some(header), Some(mut at)) = (
@@ -533,11 +558,29 @@ impl Replicator {
         }
     }
 
-    fn open_wal(&self) -> Result<Option<File>> {
-        match File::open(&self.wal) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).io_ctx("open", &self.wal),
+    /// Opens the WAL and returns it with its length, after checking that it
+    /// is the same file as the last time: SQLite deletes and re-creates the
+    /// WAL only after taking the EXCLUSIVE lock on the database, which
+    /// walstream's open connections rule out. Another file means that lock
+    /// was lost and frames walstream never read may have been checkpointed
+    /// and discarded, so nothing more may go into this generation.
+    fn open_wal(&mut self) -> Result<Option<(File, u64)>> {
+        let file = match File::open(&self.wal) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).io_ctx("open", &self.wal),
+        };
+        let m = file.metadata().io_ctx("stat", &self.wal)?;
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        match self.wal_id.replace(id) {
+            Some(old) if old != id => Err(Error::ContinuityLost {
+                path: self.db.clone(),
+                reason: "the WAL file was deleted and re-created while walstream held its lock (another process checkpointed the database as if no one else had it open)".into(),
+            }),
+            _ => Ok(Some((file, m.len()))),
         }
     }
 
@@ -545,12 +588,11 @@ impl Replicator {
     /// in `pending` first, in one segment with what follows it.
     fn sync(&mut self) -> Result<()> {
         self.check_same_file()?;
-        let Some(mut file) = self.open_wal()? else {
+        let Some((mut file, len)) = self.open_wal()? else {
             self.wal_len = 0;
             return self.ship_pending();
         };
         let header = wal::read_header(&mut file).io_ctx("read", &self.wal)?;
-        let len = file.metadata().io_ctx("stat", &self.wal)?.len();
         self.wal_len = len;
         let start = match (header, self.read_cursor()) {
             (None, Some(_)) => {
@@ -920,7 +962,7 @@ impl Replicator {
     /// Starts a new generation with a snapshot of the current committed state.
     fn new_generation(&mut self, reason: &str) -> Result<()> {
         let cursor = match self.open_wal()? {
-            Some(mut f) => match wal::read_header(&mut f).io_ctx("read", &self.wal)? {
+            Some((mut f, _)) => match wal::read_header(&mut f).io_ctx("read", &self.wal)? {
                 Some(h) if h.page_size == self.page_size => Some(
                     wal::read_committed(&mut f, &h.start(), None)
                         .io_ctx("read", &self.wal)?
@@ -958,7 +1000,7 @@ impl Replicator {
 
     /// Finds the newest generation and checks that the WAL on disk continues
     /// exactly where it ends. `Ok(Err(reason))` when it does not.
-    fn resume(&self) -> Result<std::result::Result<Shipping, String>> {
+    fn resume(&mut self) -> Result<std::result::Result<Shipping, String>> {
         let gens = self.rt.block_on(self.replica.generations())?;
         let Some(g) = gens.iter().rev().find(|g| !g.snapshots.is_empty()) else {
             return Ok(Err("no generation in replica".into()));
@@ -1034,7 +1076,7 @@ impl Replicator {
             )));
         };
         let cursor = point.to_cursor(page_size);
-        let Some(mut file) = self.open_wal()? else {
+        let Some((mut file, _)) = self.open_wal()? else {
             return Ok(Err("WAL file is gone (database changed or was checkpointed while walstream was not running)".into()));
         };
         if !wal::verify_prefix(&mut file, &cursor).io_ctx("read", &self.wal)? {
@@ -1065,6 +1107,27 @@ impl Replicator {
             }),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// walstream's own connection reporting a corrupt database means that what
+/// it reads no longer provably matches what SQLite wrote (the usual cause: a
+/// lock was lost and the WAL or the database changed under its read
+/// transaction). Nothing more may be shipped into the generation.
+fn lost_if_corrupt(e: Error, db: &Path) -> Error {
+    match &e {
+        Error::Sqlite { source, .. }
+            if matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+            ) =>
+        {
+            Error::ContinuityLost {
+                path: db.to_path_buf(),
+                reason: format!("walstream's own connection reports: {source}"),
+            }
+        }
+        _ => e,
     }
 }
 

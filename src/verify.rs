@@ -82,6 +82,7 @@ pub async fn verify(replica: &Replica, live: Option<&Path>, tmp: &Path) -> Resul
             report.faults.push("nothing to restore".into());
             return Ok(report);
         };
+        let at = format!("generation {generation}, position {position}");
         report.restored = Some((generation, position, timestamp_ms));
         let Some(db) = live else {
             let _ = std::fs::remove_file(&out);
@@ -97,13 +98,13 @@ pub async fn verify(replica: &Replica, live: Option<&Path>, tmp: &Path) -> Resul
             }
             Compared::Differs(m) => {
                 report.faults.push(format!(
-                    "restored state differs from {} at the same WAL position: {m}",
+                    "{at}: restored state differs from {} at the same WAL position: {m}",
                     db.display()
                 ));
                 return Ok(report);
             }
             Compared::NotComparable(m) => {
-                report.not_compared = Some(m);
+                report.not_compared = Some(format!("{at}: {m}"));
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }

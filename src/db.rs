@@ -7,6 +7,14 @@
 //! checkpointed ("read mark 0") blocks every checkpoint from copying frames
 //! into the database file. See `replicate` for how the lock is moved forward
 //! without a gap.
+//!
+//! That protection also rests on the SHARED lock SQLite keeps on the
+//! database file (a POSIX lock): without it another process's last
+//! connection takes the EXCLUSIVE lock when it closes, checkpoints, and
+//! deletes the WAL. Closing any descriptor of the file drops all of the
+//! process's POSIX locks on it, so the file is opened once per process, by
+//! `DbFile`, and everything that reads it or connects to it goes through
+//! that one handle (see `DbFile` for the rule).
 
 use std::collections::HashMap;
 use std::fs::File;

@@ -471,14 +471,11 @@ pub fn scan(d: &DirSettings) -> Result<Vec<DbSettings>> {
     Ok(found)
 }
 
-/// Whether `path` starts with SQLite's header. A database the process
-/// already holds open is not opened again; any other is read through
-/// `DbFile`, so that even a scan racing a replicator that starts on the same
-/// file cannot close a descriptor its locks depend on.
+/// Whether `path` starts with SQLite's header. Read through `DbFile`: a
+/// database the process replicates is not opened again, and a scan racing a
+/// replicator that starts on the same file cannot close a descriptor its
+/// locks depend on.
 fn is_sqlite(path: &Path) -> bool {
-    if crate::db::DbFile::is_open(path) {
-        return true;
-    }
     let mut magic = [0u8; 16];
     crate::db::DbFile::open(path)
         .and_then(|f| f.read_exact_at(&mut magic, 0).io_ctx("read", path))

@@ -151,12 +151,6 @@ impl DbFile {
         Ok(DbFile { open: Some(open) })
     }
 
-    /// Whether the process holds the file `path` names open (without
-    /// opening it).
-    pub fn is_open(path: &Path) -> bool {
-        file_id(path).is_ok_and(|id| registry().contains_key(&id))
-    }
-
     fn inner(&self) -> &OpenFile {
         self.open.as_ref().expect("open until dropped")
     }

@@ -1144,3 +1144,32 @@ fn canonical(db: &Path) -> Result<PathBuf> {
         .io_ctx("resolve", dir)?
         .join(name))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite_error(code: std::ffi::c_int) -> Error {
+        Error::Sqlite {
+            path: PathBuf::from("app.db"),
+            source: rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None),
+        }
+    }
+
+    #[test]
+    fn corruption_reported_by_walstreams_connection_loses_continuity() {
+        for code in [rusqlite::ffi::SQLITE_CORRUPT, rusqlite::ffi::SQLITE_NOTADB] {
+            let e = lost_if_corrupt(sqlite_error(code), Path::new("app.db"));
+            assert!(matches!(e, Error::ContinuityLost { .. }), "{e}");
+            assert!(e
+                .to_string()
+                .starts_with("database app.db: continuity lost"));
+        }
+        // A busy database or a storage error is retried, not a new generation.
+        let e = lost_if_corrupt(
+            sqlite_error(rusqlite::ffi::SQLITE_BUSY),
+            Path::new("app.db"),
+        );
+        assert!(matches!(e, Error::Sqlite { .. }), "{e}");
+    }
+}

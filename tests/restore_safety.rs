@@ -1,0 +1,366 @@
+//! A restore never hands SQLite a file it will misread: it refuses to write
+//! a database beside a stale `-wal`, `-shm` or `-journal` (SQLite would read
+//! them together with the restored file), and it cleans up the temporary
+//! files of earlier restores that were killed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn side(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+fn restore(replica: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["restore", "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.push(replica.to_str().unwrap());
+    walstream(&args)
+}
+
+/// Names in `dir`, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts that the restore refused with one line naming `stale`, wrote no
+/// output and left `stale` as it was.
+fn assert_refused(o: &Output, out: &Path, stale: &Path, stale_bytes: &[u8]) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected a refusal, got success: {err}"
+    );
+    assert!(
+        err.contains(&stale.display().to_string()),
+        "stderr does not name {}:\n{err}",
+        stale.display()
+    );
+    assert!(err.contains("move it away"), "no advice:\n{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{err}");
+    assert!(!out.exists(), "{} was written", out.display());
+    assert_eq!(
+        std::fs::read(stale).unwrap(),
+        stale_bytes,
+        "stale file changed"
+    );
+    let dir = out.parent().unwrap();
+    assert!(
+        !names(dir).iter().any(|n| n.contains("walstream-")),
+        "temporary files left: {:?}",
+        names(dir)
+    );
+}
+
+/// Replicates a database with a few segments. Returns the database, the
+/// replica, and a copy of the database's `-wal` as it was after the first
+/// batch of transactions (an old WAL of the same database).
+fn replicated(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let db = dir.join("app.db");
+    let replica = dir.join("replica");
+    let mut c = app(&db);
+    create_items(&c);
+    let w = Replicating::db(&db, &replica);
+    let mut rng = Rng::new(16);
+    let mut old_wal = Vec::new();
+    for round in 0..4 {
+        for _ in 0..8 {
+            random_txn(&mut c, &mut rng);
+        }
+        if round == 0 {
+            old_wal = std::fs::read(side(&db, "-wal")).unwrap();
+        }
+        w.wait_quiet();
+    }
+    w.stop();
+    assert!(old_wal.len() > 32, "the old WAL holds frames");
+    (db, replica, old_wal)
+}
+
+/// The hazard itself: with the same database's old WAL beside it, SQLite
+/// does not read the restored file as it was restored.
+fn misread_by_sqlite(restored: &Path, source: &Path, wal: &[u8]) -> bool {
+    std::fs::write(side(restored, "-wal"), wal).unwrap();
+    let c = rusqlite::Connection::open(restored).unwrap();
+    let ok = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+        .map(|r| r == "ok")
+        .unwrap_or(false);
+    drop(c);
+    !ok || std::panic::catch_unwind(|| dump(restored) != dump(source)).unwrap_or(true)
+}
+
+#[test]
+fn the_same_databases_old_wal_beside_the_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica, old_wal) = replicated(dir.path());
+    // The scenario is real: a plain restore plus that WAL is misread.
+    let probe = dir.path().join("probe");
+    std::fs::create_dir(&probe).unwrap();
+    restore_ok(&replica, &probe.join("p.db"), &[]);
+    assert_same(&db, &probe.join("p.db"));
+    assert!(
+        misread_by_sqlite(&probe.join("p.db"), &db, &old_wal),
+        "the old WAL did not change what SQLite reads; the test proves nothing"
+    );
+
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let stale = side(&out, "-wal");
+    std::fs::write(&stale, &old_wal).unwrap();
+    let o = restore(&replica, &out, &[]);
+    assert_refused(&o, &out, &stale, &old_wal);
+    assert!(stderr(&o).contains("write-ahead log"), "{}", stderr(&o));
+
+    // --if-db-not-exists: the database is missing, but restoring would hand
+    // SQLite the same misread file, so it refuses too.
+    let o = restore(&replica, &out, &["--if-db-not-exists"]);
+    assert_refused(&o, &out, &stale, &old_wal);
+
+    // Once the stale file is moved away, the restore goes through.
+    std::fs::rename(&stale, outdir.join("moved-away")).unwrap();
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+}
+
+#[test]
+fn an_unrelated_databases_wal_beside_the_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica, _) = replicated(dir.path());
+    // Another database with committed rows still in its WAL.
+    let other = dir.path().join("other.db");
+    let c = app(&other);
+    c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    c.execute_batch("CREATE TABLE other_rows(x INTEGER PRIMARY KEY, y TEXT)")
+        .unwrap();
+    for i in 0..200 {
+        c.execute("INSERT INTO other_rows VALUES (?1, 'not yours')", [i])
+            .unwrap();
+    }
+    let wal = std::fs::read(side(&other, "-wal")).unwrap();
+    drop(c);
+
+    let probe = dir.path().join("probe");
+    std::fs::create_dir(&probe).unwrap();
+    restore_ok(&replica, &probe.join("p.db"), &[]);
+    assert!(
+        misread_by_sqlite(&probe.join("p.db"), &db, &wal),
+        "the unrelated WAL did not change what SQLite reads; the test proves nothing"
+    );
+
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let stale = side(&out, "-wal");
+    std::fs::write(&stale, &wal).unwrap();
+    let o = restore(&replica, &out, &[]);
+    assert_refused(&o, &out, &stale, &wal);
+}
+
+#[test]
+fn a_stale_shm_or_journal_alone_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica, _) = replicated(dir.path());
+    // A real -shm: the source's, copied while a connection holds it.
+    let shm = {
+        let _c = app(&db);
+        std::fs::read(side(&db, "-shm")).unwrap()
+    };
+    assert!(!shm.is_empty());
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+
+    let stale = side(&out, "-shm");
+    std::fs::write(&stale, &shm).unwrap();
+    let o = restore(&replica, &out, &[]);
+    assert_refused(&o, &out, &stale, &shm);
+    std::fs::remove_file(&stale).unwrap();
+
+    // A hot rollback journal of another database would be rolled back into
+    // the restored file.
+    let journal = b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7 not really a journal".to_vec();
+    let stale = side(&out, "-journal");
+    std::fs::write(&stale, &journal).unwrap();
+    let o = restore(&replica, &out, &["--if-db-not-exists"]);
+    assert_refused(&o, &out, &stale, &journal);
+    assert!(stderr(&o).contains("rollback journal"), "{}", stderr(&o));
+    std::fs::remove_file(&stale).unwrap();
+
+    restore_ok(&replica, &out, &[]);
+    assert_same(&db, &out);
+}
+
+/// The pid of a process that has exited.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    pid
+}
+
+#[test]
+fn temporary_files_of_a_dead_restore_are_removed_and_a_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica, _) = replicated(dir.path());
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let dead = dead_pid();
+    let live = std::process::id();
+    let dead_files = [
+        (
+            format!(".restored.db.walstream-restore.{dead}"),
+            123_456usize,
+        ),
+        (format!(".restored.db.walstream-restore.{dead}-wal"), 4_128),
+        (format!(".restored.db.walstream-snapshot.{dead}"), 77_000),
+    ];
+    let kept_files = [
+        // A restore that is still running (this test's own process).
+        format!(".restored.db.walstream-restore.{live}"),
+        // A dead restore of another output in the same directory.
+        format!(".other.db.walstream-restore.{dead}"),
+    ];
+    for (name, size) in &dead_files {
+        std::fs::write(outdir.join(name), vec![0x5a; *size]).unwrap();
+    }
+    for name in &kept_files {
+        std::fs::write(outdir.join(name), b"in use").unwrap();
+    }
+
+    let o = restore(&replica, &out, &[]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    integrity_ok(&out);
+    assert_same(&db, &out);
+    for (name, size) in &dead_files {
+        let path = outdir.join(name);
+        assert!(!path.exists(), "{name} is still there");
+        let line = err
+            .lines()
+            .find(|l| l.contains(&format!("path={} ", path.display())))
+            .unwrap_or_else(|| panic!("stderr does not mention {name}:\n{err}"));
+        assert!(line.contains(&size.to_string()), "no size in {line:?}");
+        assert!(line.contains("removed"), "{line:?}");
+    }
+    for name in &kept_files {
+        assert_eq!(
+            std::fs::read(outdir.join(name)).unwrap(),
+            b"in use",
+            "{name} was touched"
+        );
+        assert!(!err.contains(name.as_str()), "{name} mentioned:\n{err}");
+    }
+    let mut expected = vec!["restored.db".to_string()];
+    expected.extend(kept_files.iter().cloned());
+    expected.sort();
+    assert_eq!(names(&outdir), expected);
+}
+
+/// The real thing: a restore killed with SIGKILL halfway leaves its
+/// temporary file, and the next restore removes it and says so.
+#[test]
+fn a_restore_killed_with_sigkill_is_cleaned_up_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("big.db");
+    let replica = dir.path().join("replica");
+    let c = app(&db);
+    c.execute_batch("CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB)")
+        .unwrap();
+    let w = Replicating::db(&db, &replica);
+    let mut rng = Rng::new(5);
+    for _ in 0..8 {
+        let tx = c.unchecked_transaction().unwrap();
+        for _ in 0..40 {
+            tx.execute("INSERT INTO big(b) VALUES (?1)", [rng.bytes(100_000)])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    w.wait_quiet();
+    w.stop();
+    drop(c);
+
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let temp_of = |pid: u32| {
+        names(&outdir)
+            .into_iter()
+            .filter(|n| n.starts_with(".restored.db.walstream-") && n.contains(&pid.to_string()))
+            .collect::<Vec<_>>()
+    };
+    // Kill a restore once its temporary file has data in it. A fast machine
+    // may finish first; then try again.
+    let mut killed = None;
+    for _ in 0..10 {
+        let mut child = std::process::Command::new(bin())
+            .args([
+                "restore",
+                "-o",
+                out.to_str().unwrap(),
+                replica.to_str().unwrap(),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let tmp = outdir.join(format!(".restored.db.walstream-restore.{pid}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if std::fs::metadata(&tmp).is_ok_and(|m| m.len() > 0) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                killed = Some(pid);
+                break;
+            }
+            if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        if killed.is_some() && !out.exists() {
+            break;
+        }
+        killed = None;
+        let _ = std::fs::remove_file(&out);
+        for n in names(&outdir) {
+            std::fs::remove_file(outdir.join(n)).unwrap();
+        }
+    }
+    let pid = killed.expect("never caught a restore in the middle");
+    let left = temp_of(pid);
+    assert!(
+        !left.is_empty(),
+        "SIGKILL left nothing: {:?}",
+        names(&outdir)
+    );
+
+    let o = restore(&replica, &out, &[]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_same(&db, &out);
+    for n in &left {
+        assert!(err.contains(n.as_str()), "{n} not mentioned:\n{err}");
+    }
+    assert_eq!(names(&outdir), ["restored.db"]);
+}

@@ -9,7 +9,12 @@
 //!
 //! The result is written to a temporary file beside the output and renamed
 //! into place only after `PRAGMA integrity_check` says ok, so the output path
-//! holds either nothing or a complete database.
+//! holds either nothing or a complete database. A restore refuses to start,
+//! and again to rename, while a `-wal`, `-shm` or `-journal` lies beside the
+//! output (SQLite would read it with the restored file), never replaces a
+//! file that appeared at the output meanwhile, and first removes the
+//! temporary files of earlier restores to the same output whose process is
+//! gone.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -385,8 +390,12 @@ fn temp_prefix(name: &str, kind: &str) -> String {
 /// Removes, from `dir`, the temporary files of earlier restores to the
 /// output named `name` whose process is gone (a restore killed with SIGKILL
 /// cannot clean up after itself, and its file may be as large as the
-/// database), saying so for each. Files of a live process are left alone,
-/// and so is anything else: this is housekeeping, so a failure is a warning.
+/// database), saying so for each. Files of another live process are left
+/// alone, and so is anything else: this is housekeeping, so a failure is a
+/// warning. A restore run in another PID namespace on a shared directory
+/// looks gone from here; if its file is removed, that restore fails with an
+/// error (its file is no longer there to check or rename) rather than
+/// writing anything wrong.
 fn remove_abandoned_temps(dir: &Path, name: &str) {
     let prefixes = [
         temp_prefix(name, RESTORE_TEMP),
@@ -417,7 +426,11 @@ fn remove_abandoned_temps(dir: &Path, name: &str) {
         let Ok(pid) = digits.parse::<libc::pid_t>() else {
             continue;
         };
-        if pid <= 0 || !process_gone(pid) {
+        // A file named with this process's own id is left over as well: this
+        // restore has not created its files yet. (In a container a restore
+        // often runs as PID 1 every time; a killed one's file would then
+        // block every later attempt, which creates its file exclusively.)
+        if pid <= 0 || (pid as u32 != std::process::id() && !process_gone(pid)) {
             continue;
         }
         let path = entry.path();

@@ -274,6 +274,40 @@ fn temporary_files_of_a_dead_restore_are_removed_and_a_live_ones_kept() {
     assert_eq!(names(&outdir), expected);
 }
 
+/// A leftover named with the restoring process's own id (in a container a
+/// restore often runs as PID 1 every time) is from an earlier, killed
+/// restore: it must not block this one.
+#[test]
+fn a_leftover_with_the_restorers_own_pid_does_not_block_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica, _) = replicated(dir.path());
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let own = std::process::id();
+    for kind in ["restore", "snapshot"] {
+        std::fs::write(
+            outdir.join(format!(".restored.db.walstream-{kind}.{own}")),
+            vec![1u8; 5000],
+        )
+        .unwrap();
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let opts = walstream::restore::RestoreOptions {
+        output: out.clone(),
+        concurrency: 2,
+        ..Default::default()
+    };
+    let storage = std::sync::Arc::new(walstream::storage::FileStorage::new(replica));
+    rt.block_on(walstream::restore::restore(
+        &walstream::replica::Replica::new(storage),
+        &opts,
+    ))
+    .unwrap();
+    assert_same(&db, &out);
+    assert_eq!(names(&outdir), ["restored.db"]);
+}
+
 /// The real thing: a restore killed with SIGKILL halfway leaves its
 /// temporary file, and the next restore removes it and says so.
 #[test]

@@ -308,13 +308,11 @@ fn a_leftover_with_the_restorers_own_pid_does_not_block_it() {
     assert_eq!(names(&outdir), ["restored.db"]);
 }
 
-/// The real thing: a restore killed with SIGKILL halfway leaves its
-/// temporary file, and the next restore removes it and says so.
-#[test]
-fn a_restore_killed_with_sigkill_is_cleaned_up_by_the_next() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("big.db");
-    let replica = dir.path().join("replica");
+/// A replica of a ~32 MB database, large enough that a restore of it can be
+/// caught halfway. Returns the database and the replica.
+fn big_replica(dir: &Path) -> (PathBuf, PathBuf) {
+    let db = dir.join("big.db");
+    let replica = dir.join("replica");
     let c = app(&db);
     c.execute_batch("CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB)")
         .unwrap();
@@ -330,20 +328,22 @@ fn a_restore_killed_with_sigkill_is_cleaned_up_by_the_next() {
     }
     w.wait_quiet();
     w.stop();
-    drop(c);
+    (db, replica)
+}
 
-    let outdir = dir.path().join("out");
-    std::fs::create_dir(&outdir).unwrap();
-    let out = outdir.join("restored.db");
-    let temp_of = |pid: u32| {
-        names(&outdir)
-            .into_iter()
-            .filter(|n| n.starts_with(".restored.db.walstream-") && n.contains(&pid.to_string()))
-            .collect::<Vec<_>>()
-    };
-    // Kill a restore once its temporary file has data in it. A fast machine
-    // may finish first; then try again.
-    let mut killed = None;
+/// Starts restores of `replica` into `out` until one is caught halfway (its
+/// temporary file has data in it) and `act` has run while it still ran;
+/// `act` gets its pid and says whether to keep that attempt. After an
+/// attempt that is not kept, `outdir` is emptied. Returns the pid and the
+/// restore's output.
+fn catch_a_restore_halfway(
+    replica: &Path,
+    outdir: &Path,
+    out: &Path,
+    mut act: impl FnMut(&mut std::process::Child) -> bool,
+    mut keep: impl FnMut(&Output) -> bool,
+) -> (u32, Output) {
+    let mut last = String::new();
     for _ in 0..10 {
         let mut child = std::process::Command::new(bin())
             .args([
@@ -352,37 +352,64 @@ fn a_restore_killed_with_sigkill_is_cleaned_up_by_the_next() {
                 out.to_str().unwrap(),
                 replica.to_str().unwrap(),
             ])
-            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let pid = child.id();
-        let tmp = outdir.join(format!(".restored.db.walstream-restore.{pid}"));
+        let name = out.file_name().unwrap().to_string_lossy().into_owned();
+        let tmp = outdir.join(format!(".{name}.walstream-restore.{pid}"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut acted = false;
         loop {
             if std::fs::metadata(&tmp).is_ok_and(|m| m.len() > 0) {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                killed = Some(pid);
+                acted = act(&mut child);
                 break;
             }
             if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
                 break;
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
-        if killed.is_some() && !out.exists() {
-            break;
+        let o = child.wait_with_output().unwrap();
+        if acted && keep(&o) {
+            return (pid, o);
         }
-        killed = None;
-        let _ = std::fs::remove_file(&out);
-        for n in names(&outdir) {
+        last = format!(
+            "caught halfway: {acted}, exit: {}, stderr: {}",
+            o.status,
+            stderr(&o)
+        );
+        for n in names(outdir) {
             std::fs::remove_file(outdir.join(n)).unwrap();
         }
     }
-    let pid = killed.expect("never caught a restore in the middle");
-    let left = temp_of(pid);
+    panic!("no restore caught halfway ended as expected in 10 attempts; the last: {last}");
+}
+
+/// The real thing: a restore killed with SIGKILL halfway leaves its
+/// temporary file, and the next restore removes it and says so.
+#[test]
+fn a_restore_killed_with_sigkill_is_cleaned_up_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica) = big_replica(dir.path());
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let (pid, _) = catch_a_restore_halfway(
+        &replica,
+        &outdir,
+        &out,
+        |child| {
+            child.kill().unwrap();
+            true
+        },
+        |_| !out.exists(),
+    );
+    let left: Vec<String> = names(&outdir)
+        .into_iter()
+        .filter(|n| n.starts_with(".restored.db.walstream-") && n.contains(&pid.to_string()))
+        .collect();
     assert!(
         !left.is_empty(),
         "SIGKILL left nothing: {:?}",
@@ -396,5 +423,59 @@ fn a_restore_killed_with_sigkill_is_cleaned_up_by_the_next() {
     for n in &left {
         assert!(err.contains(n.as_str()), "{n} not mentioned:\n{err}");
     }
+    assert_eq!(names(&outdir), ["restored.db"]);
+}
+
+/// A stale WAL that appears while the restore runs is caught by the check
+/// just before the rename: refused, nothing written.
+#[test]
+fn a_wal_appearing_during_the_restore_is_refused_before_the_rename() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, replica) = big_replica(dir.path());
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let stale = side(&out, "-wal");
+    let wal = b"appeared meanwhile".to_vec();
+    let (_, o) = catch_a_restore_halfway(
+        &replica,
+        &outdir,
+        &out,
+        |_| {
+            std::fs::write(&stale, &wal).unwrap();
+            true
+        },
+        // A restore already past its last check may still succeed.
+        |o| !o.status.success(),
+    );
+    assert_refused(&o, &out, &stale, &wal);
+}
+
+/// A file that appears at the output while the restore runs is never
+/// replaced.
+#[test]
+fn an_output_appearing_during_the_restore_is_not_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, replica) = big_replica(dir.path());
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("restored.db");
+    let theirs = b"someone else's file".to_vec();
+    let (_, o) = catch_a_restore_halfway(
+        &replica,
+        &outdir,
+        &out,
+        |_| {
+            std::fs::write(&out, &theirs).unwrap();
+            true
+        },
+        // A restore already past its rename has replaced nothing.
+        |o| !o.status.success(),
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("appeared during the restore"), "{err}");
+    assert!(err.contains(&out.display().to_string()), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), theirs);
     assert_eq!(names(&outdir), ["restored.db"]);
 }

@@ -332,7 +332,8 @@ fn big_replica(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// Starts restores of `replica` into `out` until one is caught halfway (its
-/// temporary file has data in it) and `act` has run while it still ran;
+/// temporary file has data in it) and `act` has run while it was stopped
+/// there (SIGSTOP);
 /// `act` gets its pid and says whether to keep that attempt. After an
 /// attempt that is not kept, `outdir` is emptied. Returns the pid and the
 /// restore's output.
@@ -363,7 +364,12 @@ fn catch_a_restore_halfway(
         let mut acted = false;
         loop {
             if std::fs::metadata(&tmp).is_ok_and(|m| m.len() > 0) {
-                acted = act(&mut child);
+                // Hold it still, and act only if it has not renamed yet.
+                unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+                if tmp.exists() {
+                    acted = act(&mut child);
+                }
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
                 break;
             }
             if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {

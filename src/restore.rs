@@ -9,7 +9,12 @@
 //!
 //! The result is written to a temporary file beside the output and renamed
 //! into place only after `PRAGMA integrity_check` says ok, so the output path
-//! holds either nothing or a complete database.
+//! holds either nothing or a complete database. A restore refuses to start,
+//! and again to rename, while a `-wal`, `-shm` or `-journal` lies beside the
+//! output (SQLite would read it with the restored file), never replaces a
+//! file that appeared at the output meanwhile, and first removes the
+//! temporary files of earlier restores to the same output whose process is
+//! gone.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -87,6 +92,18 @@ impl Drop for TempGuard {
 
 pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<RestoreOutcome> {
     let output = &opts.output;
+    let dir = match output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = output
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    if dir.is_dir() {
+        remove_abandoned_temps(&dir, &name);
+    }
     if output.exists() {
         if opts.if_db_not_exists {
             return Ok(RestoreOutcome::OutputExists);
@@ -96,16 +113,15 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
             output.display()
         )));
     }
-    let dir = match output.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
     if !dir.is_dir() {
         return Err(Error::Invalid(format!(
             "output directory {} does not exist",
             dir.display()
         )));
     }
+    // Even with --if-db-not-exists: the database is missing, but what a
+    // restore would leave is a file SQLite misreads.
+    refuse_stale_side_files(output)?;
 
     let gens = replica.generations().await?;
     let target_ms = opts.timestamp.map(|t| t.timestamp_millis());
@@ -146,12 +162,11 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         }
     };
 
-    let name = output
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .to_string();
-    let tmp = dir.join(format!(".{name}.walstream-restore.{}", std::process::id()));
+    let tmp = dir.join(format!(
+        "{}{}",
+        temp_prefix(&name, RESTORE_TEMP),
+        std::process::id()
+    ));
     let mut guard = TempGuard {
         path: tmp.clone(),
         armed: true,
@@ -159,7 +174,11 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
 
     // The snapshot is downloaded beside the output and streamed into it.
     let download = TempGuard {
-        path: dir.join(format!(".{name}.walstream-snapshot.{}", std::process::id())),
+        path: dir.join(format!(
+            "{}{}",
+            temp_prefix(&name, SNAPSHOT_TEMP),
+            std::process::id()
+        )),
         armed: true,
     };
     let (header, mut image) = replica
@@ -280,7 +299,22 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     synced.io_ctx("sync", &tmp)?;
     checked?;
     drop(file);
-    std::fs::rename(&tmp, output).io_ctx("rename into place", output)?;
+    // Something may have appeared beside the output while this ran.
+    refuse_stale_side_files(output)?;
+    rename_no_replace(&tmp, output).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::Invalid(format!(
+                "output file {} appeared during the restore; refusing to overwrite it",
+                output.display()
+            ))
+        } else {
+            Error::Io {
+                op: "rename into place",
+                path: output.clone(),
+                source: e,
+            }
+        }
+    })?;
     guard.armed = false;
     File::open(&dir)
         .and_then(|d| d.sync_all())
@@ -294,6 +328,174 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         wal: wal_point,
         timestamp_ms: restored_ms,
     })
+}
+
+/// The files SQLite reads together with a database, and what each would do
+/// to the restored one if an old one were left beside it.
+const SIDE_FILES: [(&str, &str); 3] = [
+    (
+        "-wal",
+        "an old write-ahead log, which SQLite would apply to the restored database",
+    ),
+    (
+        "-shm",
+        "an old WAL index, which SQLite would trust for the restored database",
+    ),
+    (
+        "-journal",
+        "an old rollback journal, which SQLite would roll back into the restored database",
+    ),
+];
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// Refuses to restore to `output` while a `-wal`, `-shm` or `-journal` lies
+/// beside it: the next SQLite open would read it together with the restored
+/// file (an old WAL of the same database gives "Rowid out of order", another
+/// database's WAL gives that database's rows). Nothing is moved or deleted:
+/// only the user knows whether it still belongs to something.
+fn refuse_stale_side_files(output: &Path) -> Result<()> {
+    for (suffix, what) in SIDE_FILES {
+        let side = with_suffix(output, suffix);
+        match std::fs::symlink_metadata(&side) {
+            Ok(_) => {
+                return Err(Error::Invalid(format!(
+                    "refusing to restore to {}: stale file {} lies beside it, {what}; \
+                     move it away (or delete it), then restore again",
+                    output.display(),
+                    side.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).io_ctx("stat", &side),
+        }
+    }
+    Ok(())
+}
+
+/// Kinds of temporary file a restore leaves beside its output while it runs
+/// (each named `.NAME.walstream-KIND.PID`, the restore's also with SQLite's
+/// side files during the integrity check).
+const RESTORE_TEMP: &str = "restore";
+const SNAPSHOT_TEMP: &str = "snapshot";
+
+fn temp_prefix(name: &str, kind: &str) -> String {
+    format!(".{name}.walstream-{kind}.")
+}
+
+/// Removes, from `dir`, the temporary files of earlier restores to the
+/// output named `name` whose process is gone (a restore killed with SIGKILL
+/// cannot clean up after itself, and its file may be as large as the
+/// database), saying so for each. Files of another live process are left
+/// alone, and so is anything else: this is housekeeping, so a failure is a
+/// warning. A restore run in another PID namespace on a shared directory
+/// looks gone from here; if its file is removed, that restore fails with an
+/// error (its file is no longer there to check or rename) rather than
+/// writing anything wrong.
+fn remove_abandoned_temps(dir: &Path, name: &str) {
+    let prefixes = [
+        temp_prefix(name, RESTORE_TEMP),
+        temp_prefix(name, SNAPSHOT_TEMP),
+    ];
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot look for temporary files of earlier restores");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = prefixes
+            .iter()
+            .find_map(|p| file_name.strip_prefix(p.as_str()))
+        else {
+            continue;
+        };
+        let digits = ["-wal", "-shm", "-journal"]
+            .iter()
+            .find_map(|s| rest.strip_suffix(s))
+            .unwrap_or(rest);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(pid) = digits.parse::<libc::pid_t>() else {
+            continue;
+        };
+        // A file named with this process's own id is left over as well: this
+        // restore has not created its files yet. (In a container a restore
+        // often runs as PID 1 every time; a killed one's file would then
+        // block every later attempt, which creates its file exclusively.)
+        if pid <= 0 || (pid as u32 != std::process::id() && !process_gone(pid)) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                bytes = meta.len(),
+                pid,
+                "removed the temporary file of an earlier restore whose process is gone"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                bytes = meta.len(),
+                error = %e,
+                "cannot remove the temporary file of an earlier restore"
+            ),
+        }
+    }
+}
+
+/// True when no process has this id (`kill(pid, 0)` fails with ESRCH). A
+/// process of another user (EPERM) is alive.
+fn process_gone(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), in one
+/// step where the filesystem can do that (`renameat2` with
+/// `RENAME_NOREPLACE`), else by checking first.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let c_to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c_from.as_ptr(),
+            libc::AT_FDCWD,
+            c_to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            if std::fs::symlink_metadata(to).is_ok() {
+                return Err(std::io::ErrorKind::AlreadyExists.into());
+            }
+            std::fs::rename(from, to)
+        }
+        _ => Err(e),
+    }
 }
 
 /// Writes pages (numbered from 1, in ascending order) at their offsets, one

@@ -102,6 +102,9 @@ fn locate(client: Client) -> Result<App, String> {
                 })
                 .or_else(|| on_path("sqlite3"))
                 .ok_or("no sqlite3 shell (Debian package sqlite3)")?;
+            if !shell.is_file() {
+                return Err(format!("no sqlite3 shell at {}", shell.display()));
+            }
             (
                 system_python().ok_or("no python3 to drive the sqlite3 shell")?,
                 format!("shell:{}", shell.display()),
@@ -452,12 +455,14 @@ fn three_writers(name: &str, c: Client, n: &str) {
     run.check();
 }
 
-/// 3: one writer plus four query_only readers, synchronous=NORMAL.
+/// 3: one writer plus four query_only readers, synchronous=NORMAL; twice,
+/// as an application restarted while walstream runs.
 fn reader_pool(name: &str, c: Client, n: &str) {
     let Some(mut run) = Run::new(name, c, None) else {
         return;
     };
     run.start();
+    run.app(&["pool", n]);
     run.app(&["pool", n]);
     run.stop();
     run.check();
@@ -560,7 +565,7 @@ macro_rules! matrix {
                 reader_pool(
                     concat!(stringify!($client), "::writer_and_four_query_only_readers"),
                     $c,
-                    "200",
+                    "120",
                 );
             }
             #[test]
@@ -613,7 +618,7 @@ macro_rules! matrix {
 
 matrix!(system_sqlite, Client::System, per_txn: connection_per_transaction("300"));
 matrix!(newest_sqlite, Client::Newest, per_txn: connection_per_transaction("300"));
-matrix!(sqlite3_shell, Client::Shell, per_txn: shell_process_per_batch("200"));
+matrix!(sqlite3_shell, Client::Shell, per_txn: shell_process_per_batch("150"));
 
 /// Prints the clients and their SQLite versions (the README states them).
 #[test]

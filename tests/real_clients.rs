@@ -486,7 +486,7 @@ fn checkpoints(name: &str, c: Client) {
         return;
     };
     run.start();
-    run.app(&["checkpoints", "150"]);
+    run.app(&["checkpoints", "120"]);
     run.stop();
     run.check();
 }

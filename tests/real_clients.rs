@@ -351,6 +351,25 @@ impl Run {
             self.problems.push(format!("the SOURCE database: {e}"));
         }
 
+        // A replicator that met a corrupt database mid-run may still end
+        // with a good restore (from a new generation's snapshot); the
+        // database never was corrupt, so seeing one is a failure by itself.
+        let corrupt: Vec<&str> = self
+            .log
+            .lines()
+            .filter(|l| {
+                let l = l.to_lowercase();
+                l.contains("malformed") || l.contains("corrupt")
+            })
+            .collect();
+        if let Some(first) = corrupt.first() {
+            self.problems.push(format!(
+                "walstream read a corrupt database mid-run ({} log lines), first: {}",
+                corrupt.len(),
+                first.trim()
+            ));
+        }
+
         let elapsed = self.started.elapsed().as_secs_f64();
         if self.problems.is_empty() {
             eprintln!("{}: ok in {elapsed:.1}s", self.name);

@@ -210,8 +210,9 @@ impl Run {
         Some(run)
     }
 
-    /// Runs one command of the application, as its own process.
-    fn app(&mut self, args: &[&str]) {
+    /// Runs one command of the application, as its own process; returns
+    /// what it printed.
+    fn app(&mut self, args: &[&str]) -> String {
         let t = Instant::now();
         let o = Command::new(&self.app.python)
             .arg(driver())
@@ -241,6 +242,7 @@ impl Run {
                 tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
             ));
         }
+        String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
     /// Starts `walstream replicate app.db <replica dir>`, or with the config
@@ -521,7 +523,13 @@ fn page_size(name: &str, c: Client) {
     };
     run.start();
     run.app(&["per_txn", "20"]);
-    run.app(&["page_size_online", "8192"]);
+    let online = run.app(&["page_size_online", "8192"]);
+    if online.contains("walstream runs: delete") {
+        run.problems.push(
+            "the application left WAL mode while walstream ran: walstream held no lock on the database"
+                .to_string(),
+        );
+    }
     run.app(&["per_txn", "20", "3"]);
     run.stop();
     run.app(&["page_size_offline", "16384"]);
@@ -541,7 +549,13 @@ fn writer_exits(name: &str, c: Client) {
         return;
     };
     run.start();
-    run.app(&["short_lived", "12"]);
+    let out = run.app(&["short_lived", "12"]);
+    if !out.contains("WAL deleted after 0 of them") {
+        run.problems.push(format!(
+            "the application's last close deleted the WAL while walstream ran (walstream held no lock): {}",
+            out.trim()
+        ));
+    }
     run.stop();
     run.check();
 }

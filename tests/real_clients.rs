@@ -415,7 +415,8 @@ fn integrity(path: &Path) -> Result<(), String> {
     }
 }
 
-/// The restore equals the source: every row (common::dump) and the page size.
+/// The restore equals the source: every row (common::dump), the page size,
+/// and it is in WAL mode (as common::assert_same checks).
 fn same(source: &Path, restored: &Path) -> Result<(), String> {
     let dump = |p: &Path| {
         std::panic::catch_unwind(|| common::dump(p)).map_err(|_| p.display().to_string())
@@ -447,6 +448,12 @@ fn same(source: &Path, restored: &Path) -> Result<(), String> {
     let (ps, pr) = (page_size(source)?, page_size(restored)?);
     if ps != pr {
         return Err(format!("page size {pr} in the restore, {ps} in the source"));
+    }
+    let mode: String = rusqlite::Connection::open(restored)
+        .and_then(|c| c.query_row("PRAGMA journal_mode", [], |r| r.get(0)))
+        .map_err(|e| e.to_string())?;
+    if mode != "wal" {
+        return Err(format!("the restore is in journal_mode {mode}, not wal"));
     }
     Ok(())
 }

@@ -472,7 +472,7 @@ fn report_unshipped(status: &ReplicaStatus, e: &Error) {
             db = %status.db,
             replica = %status.replica,
             error = %e,
-            "not shipped: {} -> {} holds nothing of this run (no generation was started or resumed)",
+            "not shipped: {} -> {}: no position of this run was shipped (no generation was started or resumed)",
             status.db,
             status.replica
         ),

@@ -146,15 +146,22 @@ impl Daemon {
             }
         }
         let mut failure = None;
-        for (name, mut rx) in pending {
+        let mut pending = pending.into_iter();
+        while let Some((name, mut rx)) = pending.next() {
             // A signal ends the wait (starting can take as long as storage
             // takes to answer); `run` then stops at once, and a worker still
-            // starting counts as not shipped.
+            // starting counts as not shipped. One that already failed to
+            // start is still a start-up failure.
             let started = tokio::select! {
                 r = &mut rx => r,
                 Some(sig) = self.signals.recv() => {
                     tracing::info!(signal = sig, "signal while starting");
                     self.stop_signal = Some(sig);
+                    for (name, mut rx) in std::iter::once((name, rx)).chain(pending.by_ref()) {
+                        if let Ok(Err(e)) = rx.try_recv() {
+                            failure.get_or_insert(Error::Invalid(format!("{name}: {e}")));
+                        }
+                    }
                     break;
                 }
             };

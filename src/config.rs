@@ -80,6 +80,10 @@ pub struct Config {
     /// its last complete sync (default 10s).
     #[serde(default, deserialize_with = "duration")]
     pub ready_lag: Option<Duration>,
+    /// After SIGINT/SIGTERM/SIGHUP (or the application's exit), how long the
+    /// last shipment may take before the process exits anyway (default 10s).
+    #[serde(default, deserialize_with = "duration")]
+    pub shutdown_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -160,6 +164,8 @@ pub struct Settings {
     pub log_level: Option<String>,
     pub log_format: LogFormat,
     pub ready_lag: Duration,
+    /// How long the last shipment may take once a stop begins.
+    pub shutdown_timeout: Duration,
     /// Compaction levels' intervals, finest first.
     pub levels: Vec<Duration>,
 }
@@ -175,6 +181,7 @@ impl Settings {
             log_level: None,
             log_format: LogFormat::Text,
             ready_lag: Duration::from_secs(10),
+            shutdown_timeout: crate::shutdown::DEFAULT_SHUTDOWN_TIMEOUT,
             levels: default_levels(),
         }
     }
@@ -676,6 +683,9 @@ impl Config {
             log_level: logging.level,
             log_format,
             ready_lag: self.ready_lag.unwrap_or(Duration::from_secs(10)),
+            shutdown_timeout: self
+                .shutdown_timeout
+                .unwrap_or(crate::shutdown::DEFAULT_SHUTDOWN_TIMEOUT),
         })
     }
 
@@ -868,6 +878,20 @@ mod tests {
         assert!(!format!("{t} {t:?}").contains("SUPERSECRET"));
         let ReplicaTarget::S3(s3) = t else { panic!() };
         assert_eq!(s3.secret_access_key.as_deref(), Some("SUPERSECRET"));
+    }
+
+    #[test]
+    fn shutdown_timeout() {
+        let s = parse("dbs:\n  - path: a.db\n    replica:\n      path: /r\n").unwrap();
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(10));
+        let s = parse("shutdown-timeout: 2s\ndbs:\n  - path: a.db\n    replica:\n      path: /r\n")
+            .unwrap();
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(2));
+        let e =
+            parse("shutdown-timeout: soon\ndbs:\n  - path: a.db\n    replica:\n      path: /r\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("soon") && e.contains("line 1"), "{e}");
     }
 
     #[test]

@@ -14,12 +14,19 @@
 //! With `exec`, the application starts once every pair has started, receives
 //! SIGINT, SIGTERM and SIGHUP as walstream does, and when it exits walstream
 //! ships what is committed and exits with the application's code.
+//!
+//! Stopping is bounded by `shutdown-timeout` whatever state a worker is in:
+//! the stop is a sticky [`Shutdown`] state every wait checks, storage calls
+//! end by its deadline ([`crate::shutdown::Bounded`]), and the daemon waits
+//! for its workers only until then. Every replica that did not receive
+//! everything committed is named in one error line, and the exit is then
+//! non-zero.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
@@ -32,6 +39,7 @@ use crate::exec::App;
 use crate::metrics::{Metrics, ReplicaStatus, State};
 use crate::replica::Replica;
 use crate::replicate::{Control, ReplicateOptions, Replicator};
+use crate::shutdown::{Bounded, Shutdown};
 use crate::storage::{self, Metered};
 use crate::watch::Watcher;
 
@@ -49,10 +57,18 @@ pub fn options(db: &DbSettings, replica: &ReplicaSettings) -> ReplicateOptions {
     }
 }
 
+/// How long past the shutdown deadline the daemon waits for a worker whose
+/// storage call was just cut at the deadline to say so, before it reports
+/// the worker as still busy.
+const REPORT_GRACE: Duration = Duration::from_millis(200);
+
 struct Worker {
-    name: String,
+    status: Arc<ReplicaStatus>,
     control: Sender<Control>,
-    thread: std::thread::JoinHandle<Result<()>>,
+    /// The worker thread's outcome, sent when it ends (a dropped sender
+    /// means it panicked). The thread itself is never joined: one stuck in
+    /// a blocking call must not hold up the exit.
+    done: oneshot::Receiver<Result<()>>,
     /// Compaction, retention and validation of this replica.
     maintenance: tokio::task::JoinHandle<()>,
 }
@@ -68,6 +84,10 @@ pub struct Daemon {
     /// SIGINT, SIGTERM and SIGHUP, caught from the moment the daemon exists
     /// (a signal during start-up must not kill it before it ships).
     signals: tokio::sync::mpsc::UnboundedReceiver<i32>,
+    /// A signal that arrived while `start` waited for the workers to start.
+    stop_signal: Option<i32>,
+    /// The stop, shared with every worker and storage.
+    stop: Arc<Shutdown>,
 }
 
 impl Daemon {
@@ -96,6 +116,8 @@ impl Daemon {
             workers: Vec::new(),
             known: HashSet::new(),
             signals,
+            stop_signal: None,
+            stop: Shutdown::new(),
         })
     }
 
@@ -118,14 +140,32 @@ impl Daemon {
             match self.spawn_db(db, true).await {
                 Ok(started) => pending.extend(started),
                 Err(e) => {
-                    self.stop().await;
+                    let _ = self.stop().await;
                     return Err(e);
                 }
             }
         }
         let mut failure = None;
-        for (name, rx) in pending {
-            match rx.await {
+        let mut pending = pending.into_iter();
+        while let Some((name, mut rx)) = pending.next() {
+            // A signal ends the wait (starting can take as long as storage
+            // takes to answer); `run` then stops at once, and a worker still
+            // starting counts as not shipped. One that already failed to
+            // start is still a start-up failure.
+            let started = tokio::select! {
+                r = &mut rx => r,
+                Some(sig) = self.signals.recv() => {
+                    tracing::info!(signal = sig, "signal while starting");
+                    self.stop_signal = Some(sig);
+                    for (name, mut rx) in std::iter::once((name, rx)).chain(pending.by_ref()) {
+                        if let Ok(Err(e)) = rx.try_recv() {
+                            failure.get_or_insert(Error::Invalid(format!("{name}: {e}")));
+                        }
+                    }
+                    break;
+                }
+            };
+            match started {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     failure.get_or_insert(Error::Invalid(format!("{name}: {e}")));
@@ -136,7 +176,7 @@ impl Daemon {
             }
         }
         if let Some(e) = failure {
-            self.stop().await;
+            let _ = self.stop().await;
             return Err(e);
         }
         Ok(())
@@ -162,7 +202,10 @@ impl Daemon {
                 &rs.target.to_string(),
                 max_lag,
             );
-            let storage = Metered::wrap(storage::open(&rs.target).await, status.clone());
+            let storage = Metered::wrap(
+                Bounded::wrap(storage::open(&rs.target).await, self.stop.clone()),
+                status.clone(),
+            );
             let (tx, rx) = mpsc::channel();
             let (ready_tx, ready_rx) = oneshot::channel();
             let replica = Replica::new(storage);
@@ -184,22 +227,26 @@ impl Daemon {
                 opts: options(db, rs),
                 replica,
                 rt: Handle::current(),
-                status,
+                status: status.clone(),
                 watcher: self.watcher.clone(),
                 wake: tx.clone(),
                 started: report.then_some(ready_tx),
                 force_new: None,
                 db: db.path.display().to_string(),
                 target: rs.target.to_string(),
+                stop: self.stop.clone(),
             };
-            let thread = std::thread::Builder::new()
+            let (done_tx, done) = oneshot::channel();
+            std::thread::Builder::new()
                 .name("replicate".into())
-                .spawn(move || job.run(rx))
+                .spawn(move || {
+                    let _ = done_tx.send(job.run(rx));
+                })
                 .io_ctx("start thread for", &db.path)?;
             self.workers.push(Worker {
-                name: name.clone(),
+                status,
                 control: tx,
-                thread,
+                done,
                 maintenance,
             });
             if report {
@@ -225,39 +272,59 @@ impl Daemon {
         }
     }
 
-    /// Ships what is committed everywhere and stops every worker. Returns the
-    /// first failure of a final shipment.
-    pub async fn stop(&mut self) -> Option<Error> {
+    /// Begins the stop: every worker ships what is committed, within
+    /// `shutdown-timeout`. Waits for the workers until that deadline (and
+    /// `REPORT_GRACE`), logs one error line for each replica that did not
+    /// receive everything committed (database, replica, and the position
+    /// after which nothing was shipped), and then fails with
+    /// `Error::NotShipped`. Workers still busy are left behind; the process
+    /// is about to exit.
+    pub async fn stop(&mut self) -> Result<()> {
+        let timeout = self.settings.shutdown_timeout;
+        let deadline = self.stop.begin(timeout);
+        if !self.workers.is_empty() {
+            tracing::info!(replicas = self.workers.len(), shutdown_timeout = ?timeout, "shipping what is committed, then stopping");
+        }
         for w in &self.workers {
             w.maintenance.abort();
             let _ = w.control.send(Control::Shutdown);
         }
-        let mut failure = None;
+        let wait_until = tokio::time::Instant::from_std(deadline + REPORT_GRACE);
+        let total = self.workers.len();
+        let mut count = 0;
         for w in self.workers.drain(..) {
-            let name = w.name;
-            let result = tokio::task::spawn_blocking(move || w.thread.join())
-                .await
-                .map_err(|e| Error::Invalid(e.to_string()))
-                .and_then(|j| j.map_err(|_| Error::Invalid("worker panicked".into())))
-                .and_then(|r| r);
-            if let Err(e) = result {
-                tracing::error!(replica = %name, error = %e, "final shipment failed");
-                failure.get_or_insert(Error::Invalid(format!("{name}: {e}")));
+            let outcome = match tokio::time::timeout_at(wait_until, w.done).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(Error::Invalid("the worker panicked".into())),
+                Err(_) => Err(Error::Invalid(format!(
+                    "still shipping when shutdown-timeout ({}) ran out",
+                    humantime::format_duration(timeout)
+                ))),
+            };
+            if let Err(e) = outcome {
+                count += 1;
+                report_unshipped(&w.status, &e);
             }
         }
-        failure
+        let left = deadline.saturating_duration_since(Instant::now());
+        tracing::debug!(left = ?left, unshipped = count, "stopped");
+        if count > 0 {
+            return Err(Error::NotShipped { count, total });
+        }
+        Ok(())
     }
 
     /// Runs until a signal (or, with `exec`, until the application exits),
     /// then ships and stops. Returns the process exit code.
     pub async fn run(mut self) -> Result<u8> {
-        if let Ok(sig) = self.signals.try_recv() {
+        if let Some(sig) = self
+            .stop_signal
+            .take()
+            .or_else(|| self.signals.try_recv().ok())
+        {
             // Asked to stop while starting: do not start the application.
             tracing::info!(signal = sig, "shipping and stopping");
-            return match self.stop().await {
-                Some(e) => Err(e),
-                None => Ok(0),
-            };
+            return self.stop().await.map(|()| 0);
         }
         let mut app = match &self.settings.exec {
             Some(cmd) => match App::spawn(cmd) {
@@ -270,7 +337,7 @@ impl Daemon {
                     Some(app)
                 }
                 Err(e) => {
-                    self.stop().await;
+                    let _ = self.stop().await;
                     return Err(e);
                 }
             },
@@ -314,7 +381,7 @@ impl Daemon {
         match self.stop().await {
             // The application's failure is the more useful code; a clean
             // exit with unshipped commits must still not look like success.
-            Some(e) if code == 0 => Err(e),
+            Err(e) if code == 0 => Err(e),
             _ => Ok(code),
         }
     }
@@ -392,6 +459,31 @@ async fn maintain(
                 }
             }
         }
+    }
+}
+
+/// The one line that says a replica misses commits: database, replica, and
+/// the position after which nothing committed reached it.
+fn report_unshipped(status: &ReplicaStatus, e: &Error) {
+    match status.shipped() {
+        Some((generation, position)) => tracing::error!(
+            db = %status.db,
+            replica = %status.replica,
+            %generation,
+            position,
+            error = %e,
+            "not shipped: {} -> {} holds generation {generation} up to position {position}; what was committed after it is not there",
+            status.db,
+            status.replica
+        ),
+        None => tracing::error!(
+            db = %status.db,
+            replica = %status.replica,
+            error = %e,
+            "not shipped: {} -> {}: no position of this run was shipped (no generation was started or resumed)",
+            status.db,
+            status.replica
+        ),
     }
 }
 
@@ -496,6 +588,7 @@ struct Job {
     force_new: Option<String>,
     db: String,
     target: String,
+    stop: Arc<Shutdown>,
 }
 
 impl Job {
@@ -503,34 +596,71 @@ impl Job {
     /// the database and resuming the generation if the WAL still continues
     /// it) with back-off. A failure before the first start is reported and
     /// ends the worker.
+    ///
+    /// Once the stop has begun no back-off is waited out: a worker that was
+    /// failing makes one last attempt (which ships what is committed, see
+    /// `Replicator::run`) and returns its outcome, so a failure can never
+    /// lead to another round of "will restart".
     fn run(mut self, control: Receiver<Control>) -> Result<()> {
         let span = tracing::info_span!("replicate", db = %self.db, replica = %self.target);
         let _enter = span.enter();
         let mut backoff = self.opts.monitor_interval.max(Duration::from_millis(100));
         loop {
+            let last = self.stop.requested();
+            if last {
+                // Whatever consumed the stop's message, the waits inside the
+                // attempt (for the database to appear) must see one.
+                let _ = self.wake.send(Control::Shutdown);
+            }
             match self.attempt(&control) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if let Some(tx) = self.started.take() {
-                        let _ = tx.send(Err(e));
-                        return Ok(());
+                        // Reported as a start-up failure, unless nobody waits
+                        // for that any more (a signal ended the start-up):
+                        // then it is this worker's outcome.
+                        return match tx.send(Err(e)) {
+                            Ok(()) => Ok(()),
+                            Err(Err(e)) => Err(e),
+                            Err(Ok(())) => Ok(()),
+                        };
                     }
-                    self.status.set_state(State::Failing);
+                    let lost = matches!(e, Error::ContinuityLost { .. });
                     if let Error::ContinuityLost { reason, .. } = &e {
                         self.status.continuity_lost();
-                        tracing::error!(error = %e, retry_in = ?backoff, "nothing more goes into this generation; starting a new one from a fresh snapshot");
+                        tracing::error!(error = %e, "nothing more goes into this generation; starting a new one from a fresh snapshot");
                         self.force_new = Some(format!("continuity lost: {reason}"));
-                    } else {
+                    }
+                    if last || self.stop.expired() {
+                        return Err(e);
+                    }
+                    if self.stop.requested() {
+                        tracing::warn!(error = %e, "replication failed while stopping, one last attempt");
+                        continue;
+                    }
+                    self.status.set_state(State::Failing);
+                    if !lost {
                         tracing::warn!(error = %e, retry_in = ?backoff, "replication failed, will restart");
                     }
-                    match control.recv_timeout(backoff) {
-                        Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
-                            return Err(e)
-                        }
-                        _ => {}
-                    }
+                    self.pause(&control, backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
+            }
+        }
+    }
+
+    /// Waits `d`, or less if the stop begins.
+    fn pause(&self, control: &Receiver<Control>, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stop.requested() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match control.recv_timeout(left) {
+                Ok(Control::Wake) => {}
+                Ok(Control::Shutdown) | Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
     }
@@ -552,6 +682,7 @@ impl Job {
             self.status.clone(),
         )?
         else {
+            // Stopped while waiting for the database: nothing is committed.
             return Ok(());
         };
         if let Some(reason) = &self.force_new {
@@ -562,6 +693,6 @@ impl Job {
         if let Some(tx) = self.started.take() {
             let _ = tx.send(Ok(()));
         }
-        r.run(control, self.wake.clone(), &self.watcher)
+        r.run(control, self.wake.clone(), &self.watcher, &self.stop)
     }
 }

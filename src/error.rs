@@ -58,6 +58,10 @@ pub enum Error {
     ContinuityLost { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
+    /// At shutdown, some replicas did not receive everything committed (each
+    /// is named in its own log line).
+    #[error("{count} of {total} replicas did not receive everything committed before stopping")]
+    NotShipped { count: usize, total: usize },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

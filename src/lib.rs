@@ -15,7 +15,8 @@
 //! * [`config`] reads Litestream-compatible YAML configuration;
 //! * [`daemon`] runs many replicators in one process, with [`exec`] for a
 //!   wrapped application, [`watch`] for shared file notifications, and
-//!   [`metrics`] and [`server`] for what operators watch.
+//!   [`metrics`] and [`server`] for what operators watch, and [`shutdown`]
+//!   for ending on time.
 
 pub mod checkpoint;
 pub mod compact;
@@ -33,6 +34,7 @@ pub mod restore;
 pub mod retention;
 pub mod segment;
 pub mod server;
+pub mod shutdown;
 pub mod snapshot;
 pub mod storage;
 pub mod verify;

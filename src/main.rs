@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
@@ -48,6 +49,12 @@ enum Command {
         /// code becomes walstream's.
         #[arg(long)]
         exec: Option<String>,
+        /// After SIGINT, SIGTERM or SIGHUP (or the application's exit), how
+        /// long the last shipment may take before walstream exits anyway,
+        /// non-zero if anything committed was not shipped (e.g. 10s, the
+        /// default; overrides `shutdown-timeout` in the config).
+        #[arg(long, value_parser = parse_duration_arg)]
+        shutdown_timeout: Option<Duration>,
     },
     /// Restore a database from a replica.
     Restore {
@@ -109,6 +116,10 @@ struct Target {
     target: String,
 }
 
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    walstream::config::parse_duration(s)
+}
+
 fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
@@ -125,7 +136,14 @@ fn main() -> ExitCode {
             db,
             replicas,
             exec,
-        } => match replicate_settings(config.as_deref(), db.clone(), replicas, exec.clone()) {
+            shutdown_timeout,
+        } => match replicate_settings(
+            config.as_deref(),
+            db.clone(),
+            replicas,
+            exec.clone(),
+            *shutdown_timeout,
+        ) {
             Ok(s) => Some(s),
             Err(e) => return fail(e),
         },
@@ -161,10 +179,15 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(anyhow!("cannot start runtime: {e}")),
     };
-    match rt.block_on(run(cli, settings)) {
+    let code = match rt.block_on(run(cli, settings)) {
         Ok(code) => code,
         Err(e) => fail(e),
-    }
+    };
+    // Not dropped: dropping a runtime waits for its blocking tasks, and a
+    // replicator still stuck in storage or disk I/O when shutdown-timeout
+    // ran out must not hold up the exit. Exiting ends every thread.
+    std::mem::forget(rt);
+    code
 }
 
 /// One line: the error and its causes, each cause once (library errors
@@ -526,6 +549,7 @@ fn replicate_settings(
     db: Option<PathBuf>,
     replicas: &[String],
     exec: Option<String>,
+    shutdown_timeout: Option<Duration>,
 ) -> Result<Settings> {
     let mut settings = match (config, db) {
         (Some(cfg), None) => load_settings(cfg),
@@ -554,6 +578,9 @@ fn replicate_settings(
     if let Some(exec) = exec {
         walstream::exec::split(&exec).context("--exec")?;
         settings.exec = Some(exec);
+    }
+    if let Some(t) = shutdown_timeout {
+        settings.shutdown_timeout = t;
     }
     Ok(settings)
 }

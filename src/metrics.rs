@@ -84,6 +84,9 @@ pub struct ReplicaStatus {
     /// Start of the last round after which everything committed before it
     /// was shipped (ms since the epoch; 0 = never).
     synced_at_ms: AtomicI64,
+    /// The generation being shipped and the position in it up to which
+    /// everything is on the replica (`None` before the first shipment).
+    shipped: Mutex<Option<(String, u64)>>,
     wal_size: Gauge,
     position: Gauge,
     lag: FloatGauge,
@@ -249,6 +252,7 @@ impl Metrics {
             max_lag,
             state: AtomicU8::new(State::Starting as u8),
             synced_at_ms: AtomicI64::new(0),
+            shipped: Mutex::new(None),
             wal_size: self.wal_size.get_or_create(&l).clone(),
             position: self.position.get_or_create(&l).clone(),
             lag: self.lag.get_or_create(&l).clone(),
@@ -337,6 +341,21 @@ impl ReplicaStatus {
     /// Continuity with the database was lost; a new generation follows.
     pub fn continuity_lost(&self) {
         self.continuity_lost.inc();
+    }
+
+    /// Everything up to `position` of `generation` is on the replica.
+    pub fn set_shipped(&self, generation: &str, position: u64) {
+        let mut s = self.shipped.lock().unwrap();
+        match s.as_mut() {
+            Some((g, p)) if g == generation => *p = position,
+            _ => *s = Some((generation.to_string(), position)),
+        }
+    }
+
+    /// The generation being shipped and the position in it up to which
+    /// everything is on the replica, if anything was shipped.
+    pub fn shipped(&self) -> Option<(String, u64)> {
+        self.shipped.lock().unwrap().clone()
     }
 
     pub fn shipped_segment(&self, bytes: u64) {

@@ -42,6 +42,7 @@ use crate::generation::{self, Manifest};
 use crate::metrics::{ReplicaStatus, State};
 use crate::replica::Replica;
 use crate::segment::{SegmentHeader, WalPoint};
+use crate::shutdown::Shutdown;
 use crate::snapshot::{self, SnapshotHeader};
 use crate::wal::{self, WalCursor};
 use crate::watch::Watcher;
@@ -271,12 +272,16 @@ impl Replicator {
         }
     }
 
-    /// Runs until `Control::Shutdown` (or the sender is dropped).
+    /// Runs until a stop: `stop` has begun (a sticky state, checked before
+    /// every wait) or the control channel says `Control::Shutdown` (which
+    /// only wakes it) or is dropped. Then makes the last shipment (see
+    /// `finish`) and returns its outcome.
     pub fn run(
         mut self,
         control: &Receiver<Control>,
         wake: Sender<Control>,
         watcher: &Arc<Watcher>,
+        stop: &Shutdown,
     ) -> Result<()> {
         // Notifications only help when uploads may follow commits faster than
         // the monitor interval polls; otherwise they would only cost a wake-up
@@ -293,13 +298,15 @@ impl Replicator {
         let mut backoff = self.opts.monitor_interval;
         let mut timeout = self.opts.monitor_interval;
         loop {
-            let mut shutdown = match control.recv_timeout(timeout) {
-                Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => true,
-                Ok(Control::Wake) | Err(RecvTimeoutError::Timeout) => false,
-            };
+            let mut shutdown = stop.requested()
+                || match control.recv_timeout(timeout) {
+                    Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => true,
+                    Ok(Control::Wake) | Err(RecvTimeoutError::Timeout) => false,
+                };
             while let Ok(m) = control.try_recv() {
                 shutdown |= m == Control::Shutdown;
             }
+            shutdown |= stop.requested();
             // Space uploads by sync-interval (but never delay a shutdown).
             if !shutdown {
                 if let Some(wait) = self
@@ -320,12 +327,19 @@ impl Replicator {
                     continue;
                 }
             }
+            if shutdown {
+                let result = self.finish(stop);
+                self.release();
+                return result;
+            }
             // Any write after this point wakes the next round; writes before
             // it are read by this one.
             armed.store(true, Ordering::SeqCst);
             let began = Utc::now().timestamp_millis();
             let uploaded_before = self.last_upload;
-            match self.tick() {
+            let result = self.tick();
+            self.note_shipped();
+            match result {
                 Ok(()) => {
                     backoff = self.opts.monitor_interval;
                     timeout = self.opts.monitor_interval;
@@ -348,10 +362,7 @@ impl Replicator {
                         timeout = timeout.min(GATED_REWIND_EVERY);
                     }
                 }
-                Err(e)
-                    if shutdown
-                        || matches!(e, Error::Replaced { .. } | Error::ContinuityLost { .. }) =>
-                {
+                Err(e) if matches!(e, Error::Replaced { .. } | Error::ContinuityLost { .. }) => {
                     self.release();
                     return Err(e);
                 }
@@ -362,11 +373,46 @@ impl Replicator {
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
             }
-            if shutdown {
-                tracing::info!("shipped everything committed, stopping");
-                self.release();
-                return Ok(());
+        }
+    }
+
+    /// The last shipment before stopping: everything committed now, with no
+    /// sync-interval spacing and no checkpoint or snapshot after it. A
+    /// failure is retried with back-off until `stop`'s deadline (storage
+    /// calls themselves end by it too), except one that ends this
+    /// replicator at once (`Error::Replaced`, `Error::ContinuityLost`).
+    fn finish(&mut self, stop: &Shutdown) -> Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let began = Utc::now().timestamp_millis();
+            let result = self.sync().map_err(|e| lost_if_corrupt(e, &self.db));
+            self.note_shipped();
+            let e = match result {
+                Ok(()) => {
+                    self.synced(began);
+                    tracing::info!("shipped everything committed, stopping");
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            let left = stop.remaining().unwrap_or(Duration::ZERO);
+            if matches!(e, Error::Replaced { .. } | Error::ContinuityLost { .. }) || left.is_zero()
+            {
+                return Err(e);
             }
+            self.status.set_state(State::Failing);
+            let wait = backoff.min(left);
+            tracing::warn!(error = %e, retry_in = ?wait, left = ?left, "final shipment failed, retrying until the shutdown deadline");
+            std::thread::sleep(wait);
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Tells the status how far the current generation is shipped (also
+    /// after a failed round, which may have shipped part of what it read).
+    fn note_shipped(&self) {
+        if let Some(st) = &self.state {
+            self.status.set_shipped(&st.generation, st.position);
         }
     }
 

@@ -1,10 +1,11 @@
 //! An HTTP/1.1 proxy in front of the loopback S3 server that injects the
 //! faults real object stores produce: 500 InternalError, 503 SlowDown,
 //! connection resets, slow responses, and bodies cut short. Rates are per
-//! mille per request and can change while it runs.
+//! mille per request and can change while it runs. `hang` makes every
+//! request from then on go unanswered, as a server that died mid-run would.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ pub struct Rates {
     pub reset: AtomicU32,
     pub delay: AtomicU32,
     pub cut_body: AtomicU32,
+    /// Every request is read and never answered (the connection stays open).
+    pub hang: AtomicBool,
 }
 
 impl Rates {
@@ -262,6 +265,9 @@ async fn serve(
         let body = read_body(&mut client, &mut cbuf, len).await?;
         let is_head = head.starts_with(b"HEAD ");
         inj.requests.fetch_add(1, Ordering::SeqCst);
+        if rates.hang.load(Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
         let fault = pick(rates, seed);
         match fault {
             Fault::InternalError => {

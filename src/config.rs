@@ -45,6 +45,55 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(t).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
+/// A size in bytes: a number, or a number with a unit (`KB`, `MB`, `GB` in
+/// powers of 1000; `KiB`, `MiB`, `GiB` in powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => parse_size(&t)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses "64MiB", "500 MB", "1048576".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number of bytes, e.g. 64MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {:?} (use KB, MB, GB, KiB, MiB or GiB)",
+                unit.trim()
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct LoggingConfig {
@@ -144,6 +193,9 @@ pub struct ReplicaConfig {
     pub retention_check_interval: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     pub validation_interval: Option<Duration>,
+    /// Bytes of page data this replica may hold while its storage fails
+    /// before it is detached (a new generation follows when it recovers).
+    pub max_pending: Option<ByteSize>,
     pub part_size: Option<u64>,
     pub concurrency: Option<u64>,
     pub sse: Option<String>,
@@ -261,6 +313,10 @@ pub struct ReplicaSettings {
     pub retention_check_interval: Duration,
     /// How often the daemon verifies the replica (default: never).
     pub validation_interval: Option<Duration>,
+    /// How often a snapshot is stored (default: the database's, 24h).
+    pub snapshot_interval: Duration,
+    /// See `crate::shipper::DEFAULT_MAX_PENDING`.
+    pub max_pending: u64,
 }
 
 /// Default `sync-interval` of a directory replica (see `ReplicaSettings::new`).
@@ -285,6 +341,8 @@ impl ReplicaSettings {
             retention: Duration::from_secs(24 * 3600),
             retention_check_interval: Duration::from_secs(3600),
             validation_interval: None,
+            snapshot_interval: Duration::from_secs(24 * 3600),
+            max_pending: crate::shipper::DEFAULT_MAX_PENDING,
         }
     }
 }
@@ -601,6 +659,12 @@ impl Config {
                 )));
             }
             let global_snapshot = self.snapshot.clone().unwrap_or_default();
+            // The database's own interval (or the global one) is every
+            // replica's default; a replica's own wins for that replica only.
+            let db_snapshot_interval = db.snapshot_interval.or(global_snapshot.interval);
+            if let Some(v) = db_snapshot_interval {
+                s.snapshot_interval = v;
+            }
             for (j, r) in replicas.iter().enumerate() {
                 let rat = format!("{at}.replicas[{j}]");
                 let target = self
@@ -620,14 +684,22 @@ impl Config {
                     rs.retention_check_interval = v.max(Duration::from_millis(100));
                 }
                 rs.validation_interval = r.validation_interval.filter(|v| !v.is_zero());
-                s.replicas.push(rs);
-                if let Some(v) = r
-                    .snapshot_interval
-                    .or(db.snapshot_interval)
-                    .or(global_snapshot.interval)
-                {
-                    s.snapshot_interval = v;
+                if let Some(v) = &r.max_pending {
+                    if v.0 == 0 {
+                        return Err(invalid(format!("{rat}: max-pending must be positive")));
+                    }
+                    rs.max_pending = v.0;
                 }
+                rs.snapshot_interval = r
+                    .snapshot_interval
+                    .or(db_snapshot_interval)
+                    .unwrap_or(s.snapshot_interval);
+                if rs.snapshot_interval.is_zero() {
+                    return Err(invalid(format!(
+                        "{rat}: snapshot-interval must be positive"
+                    )));
+                }
+                s.replicas.push(rs);
             }
             if s.snapshot_interval.is_zero() {
                 return Err(invalid(format!("{at}: snapshot-interval must be positive")));

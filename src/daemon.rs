@@ -1,12 +1,13 @@
 //! The `replicate` process: many databases, many replicas, one application.
 //!
-//! Each (database, replica) pair is an independent worker on its own thread
-//! with its own read locks and its own view of what is shipped, so a replica
-//! that fails (storage down, disk full) retries on its own back-off while the
-//! others keep shipping. Only start-up is all or nothing: if any pair cannot
-//! start (bad database, unreachable storage), nothing is left running, no
-//! application is started, and the exit is non-zero, so a misconfiguration is
-//! seen at once rather than as a replica that silently never worked.
+//! Each database is one worker on its own thread: one source (one read lock,
+//! the WAL read once, checkpoints) feeding one shipper per replica (see
+//! `replicate`). A replica that fails (storage down, disk full) retries on
+//! its own back-off while the others keep shipping. Only start-up is all or
+//! nothing: if any database or replica cannot start (bad database,
+//! unreachable storage), nothing is left running, no application is
+//! started, and the exit is non-zero, so a misconfiguration is seen at once
+//! rather than as a replica that silently never worked.
 //!
 //! `dir:` entries are rescanned every monitor interval; new databases get
 //! workers as they appear.
@@ -38,22 +39,32 @@ use crate::error::{Error, IoContext, Result};
 use crate::exec::App;
 use crate::metrics::{Metrics, ReplicaStatus, State};
 use crate::replica::Replica;
-use crate::replicate::{Control, ReplicateOptions, Replicator};
+use crate::replicate::{Control, Replicator, StartError};
+use crate::shipper::{Shipper, ShipperOptions};
 use crate::shutdown::{Bounded, Shutdown};
+use crate::source::{Source, SourceOptions};
 use crate::storage::{self, Metered};
 use crate::watch::Watcher;
 
-/// The tunables of one pair, from its database's and replica's settings.
-pub fn options(db: &DbSettings, replica: &ReplicaSettings) -> ReplicateOptions {
-    ReplicateOptions {
-        sync_interval: replica.sync_interval,
+/// The tunables of one database's source.
+pub fn source_options(db: &DbSettings) -> SourceOptions {
+    SourceOptions {
         db: db.path.clone(),
         monitor_interval: db.monitor_interval,
         checkpoint_interval: db.checkpoint_interval,
         min_checkpoint_page_count: db.min_checkpoint_page_count,
         max_checkpoint_page_count: db.max_checkpoint_page_count,
-        snapshot_interval: db.snapshot_interval,
         busy_timeout: db.busy_timeout,
+    }
+}
+
+/// The tunables of one replica's shipper.
+pub fn shipper_options(db: &DbSettings, replica: &ReplicaSettings) -> ShipperOptions {
+    ShipperOptions {
+        sync_interval: replica.sync_interval,
+        snapshot_interval: replica.snapshot_interval,
+        max_pending: replica.max_pending,
+        retry_after: db.monitor_interval.max(Duration::from_millis(100)),
     }
 }
 
@@ -63,14 +74,15 @@ pub fn options(db: &DbSettings, replica: &ReplicaSettings) -> ReplicateOptions {
 const REPORT_GRACE: Duration = Duration::from_millis(200);
 
 struct Worker {
-    status: Arc<ReplicaStatus>,
+    /// One per replica, in the order of the worker's outcomes.
+    statuses: Vec<Arc<ReplicaStatus>>,
     control: Sender<Control>,
-    /// The worker thread's outcome, sent when it ends (a dropped sender
-    /// means it panicked). The thread itself is never joined: one stuck in
-    /// a blocking call must not hold up the exit.
-    done: oneshot::Receiver<Result<()>>,
-    /// Compaction, retention and validation of this replica.
-    maintenance: tokio::task::JoinHandle<()>,
+    /// The worker thread's outcome for each replica, sent when it ends (a
+    /// dropped sender means it panicked). The thread itself is never joined:
+    /// one stuck in a blocking call must not hold up the exit.
+    done: oneshot::Receiver<Vec<Result<()>>>,
+    /// Compaction, retention and validation of each replica.
+    maintenance: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Everything running in the process.
@@ -158,8 +170,8 @@ impl Daemon {
                     tracing::info!(signal = sig, "signal while starting");
                     self.stop_signal = Some(sig);
                     for (name, mut rx) in std::iter::once((name, rx)).chain(pending.by_ref()) {
-                        if let Ok(Err(e)) = rx.try_recv() {
-                            failure.get_or_insert(Error::Invalid(format!("{name}: {e}")));
+                        if let Ok(Err((who, e))) = rx.try_recv() {
+                            failure.get_or_insert(Error::Invalid(format!("{}: {e}", who.unwrap_or(name))));
                         }
                     }
                     break;
@@ -167,8 +179,8 @@ impl Daemon {
             };
             match started {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    failure.get_or_insert(Error::Invalid(format!("{name}: {e}")));
+                Ok(Err((who, e))) => {
+                    failure.get_or_insert(Error::Invalid(format!("{}: {e}", who.unwrap_or(name))));
                 }
                 Err(_) => {
                     failure.get_or_insert(Error::Invalid(format!("{name}: worker ended")));
@@ -182,20 +194,22 @@ impl Daemon {
         Ok(())
     }
 
-    /// Starts workers for every replica of `db` unless it already has them.
-    /// With `report`, returns receivers that say when each has started.
+    /// Starts the worker of `db` unless it already has one. With `report`,
+    /// returns a receiver that says when it has started (or which replica
+    /// could not).
     async fn spawn_db(
         &mut self,
         db: &DbSettings,
         report: bool,
-    ) -> Result<Vec<(String, oneshot::Receiver<Result<()>>)>> {
+    ) -> Result<Vec<(String, oneshot::Receiver<StartOutcome>)>> {
         let key = std::fs::canonicalize(&db.path).unwrap_or_else(|_| absolute(&db.path));
         if !self.known.insert(key) {
             return Ok(Vec::new());
         }
-        let mut started = Vec::new();
+        let mut replicas = Vec::new();
+        let mut statuses = Vec::new();
+        let mut maintenance = Vec::new();
         for rs in &db.replicas {
-            let name = format!("{} -> {}", db.path.display(), rs.target);
             let max_lag = rs.sync_interval + db.monitor_interval + self.settings.ready_lag;
             let status = self.metrics.replica(
                 &db.path.display().to_string(),
@@ -206,10 +220,8 @@ impl Daemon {
                 Bounded::wrap(storage::open(&rs.target).await, self.stop.clone()),
                 status.clone(),
             );
-            let (tx, rx) = mpsc::channel();
-            let (ready_tx, ready_rx) = oneshot::channel();
             let replica = Replica::new(storage);
-            let maintenance = tokio::spawn(
+            maintenance.push(tokio::spawn(
                 maintain(
                     replica.clone(),
                     status.clone(),
@@ -222,38 +234,46 @@ impl Daemon {
                     db = %db.path.display(),
                     replica = %rs.target
                 )),
-            );
-            let job = Job {
-                opts: options(db, rs),
+            ));
+            replicas.push((
                 replica,
-                rt: Handle::current(),
-                status: status.clone(),
-                watcher: self.watcher.clone(),
-                wake: tx.clone(),
-                started: report.then_some(ready_tx),
-                force_new: None,
-                db: db.path.display().to_string(),
-                target: rs.target.to_string(),
-                stop: self.stop.clone(),
-            };
-            let (done_tx, done) = oneshot::channel();
-            std::thread::Builder::new()
-                .name("replicate".into())
-                .spawn(move || {
-                    let _ = done_tx.send(job.run(rx));
-                })
-                .io_ctx("start thread for", &db.path)?;
-            self.workers.push(Worker {
-                status,
-                control: tx,
-                done,
-                maintenance,
-            });
-            if report {
-                started.push((name, ready_rx));
-            }
+                status.clone(),
+                shipper_options(db, rs),
+                rs.target.to_string(),
+            ));
+            statuses.push(status);
         }
-        Ok(started)
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let job = Job {
+            opts: source_options(db),
+            replicas,
+            rt: Handle::current(),
+            watcher: self.watcher.clone(),
+            wake: tx.clone(),
+            started: report.then_some(ready_tx),
+            force_new: None,
+            db: db.path.display().to_string(),
+            stop: self.stop.clone(),
+        };
+        let (done_tx, done) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("replicate".into())
+            .spawn(move || {
+                let _ = done_tx.send(job.run(rx));
+            })
+            .io_ctx("start thread for", &db.path)?;
+        self.workers.push(Worker {
+            statuses,
+            control: tx,
+            done,
+            maintenance,
+        });
+        Ok(if report {
+            vec![(db.path.display().to_string(), ready_rx)]
+        } else {
+            Vec::new()
+        })
     }
 
     /// Picks up databases that appeared in `dir:` entries since the last call.
@@ -282,28 +302,43 @@ impl Daemon {
     pub async fn stop(&mut self) -> Result<()> {
         let timeout = self.settings.shutdown_timeout;
         let deadline = self.stop.begin(timeout);
-        if !self.workers.is_empty() {
-            tracing::info!(replicas = self.workers.len(), shutdown_timeout = ?timeout, "shipping what is committed, then stopping");
+        let total: usize = self.workers.iter().map(|w| w.statuses.len()).sum();
+        if total > 0 {
+            tracing::info!(replicas = total, shutdown_timeout = ?timeout, "shipping what is committed, then stopping");
         }
         for w in &self.workers {
-            w.maintenance.abort();
+            for m in &w.maintenance {
+                m.abort();
+            }
             let _ = w.control.send(Control::Shutdown);
         }
         let wait_until = tokio::time::Instant::from_std(deadline + REPORT_GRACE);
-        let total = self.workers.len();
         let mut count = 0;
         for w in self.workers.drain(..) {
-            let outcome = match tokio::time::timeout_at(wait_until, w.done).await {
+            let outcomes: Vec<Result<()>> = match tokio::time::timeout_at(wait_until, w.done).await
+            {
                 Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(Error::Invalid("the worker panicked".into())),
-                Err(_) => Err(Error::Invalid(format!(
-                    "still shipping when shutdown-timeout ({}) ran out",
-                    humantime::format_duration(timeout)
-                ))),
+                Ok(Err(_)) => w
+                    .statuses
+                    .iter()
+                    .map(|_| Err(Error::Invalid("the worker panicked".into())))
+                    .collect(),
+                Err(_) => w
+                    .statuses
+                    .iter()
+                    .map(|_| {
+                        Err(Error::Invalid(format!(
+                            "still shipping when shutdown-timeout ({}) ran out",
+                            humantime::format_duration(timeout)
+                        )))
+                    })
+                    .collect(),
             };
-            if let Err(e) = outcome {
-                count += 1;
-                report_unshipped(&w.status, &e);
+            for (status, outcome) in w.statuses.iter().zip(outcomes) {
+                if let Err(e) = outcome {
+                    count += 1;
+                    report_unshipped(status, &e);
+                }
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -574,35 +609,39 @@ fn is_sqlite(path: &Path) -> bool {
         .is_ok_and(|_| &magic == b"SQLite format 3\0")
 }
 
-/// One (database, replica) worker.
+/// How a worker's first start went: `Err` names the replica at fault (or
+/// none, when the database is).
+type StartOutcome = std::result::Result<(), (Option<String>, Error)>;
+
+/// One database's worker.
 struct Job {
-    opts: ReplicateOptions,
-    replica: Replica,
+    opts: SourceOptions,
+    /// Each replica: its storage, status, tunables and name.
+    replicas: Vec<(Replica, Arc<ReplicaStatus>, ShipperOptions, String)>,
     rt: Handle,
-    status: Arc<ReplicaStatus>,
     watcher: Arc<Watcher>,
     wake: Sender<Control>,
-    /// Present until the first start is reported (start-up pairs only).
-    started: Option<oneshot::Sender<Result<()>>>,
-    /// Why the next start must begin a new generation (continuity was lost).
+    /// Present until the first start is reported (start-up databases only).
+    started: Option<oneshot::Sender<StartOutcome>>,
+    /// Why the next start must begin new generations (continuity was lost).
     force_new: Option<String>,
     db: String,
-    target: String,
     stop: Arc<Shutdown>,
 }
 
 impl Job {
-    /// Replicates until shut down; after a failure, starts over (reopening
-    /// the database and resuming the generation if the WAL still continues
-    /// it) with back-off. A failure before the first start is reported and
-    /// ends the worker.
+    /// Replicates until shut down; after a failure of the database itself,
+    /// starts over (reopening the database and resuming each replica's
+    /// generation if the WAL still continues it) with back-off. A failure
+    /// before the first start is reported and ends the worker. Returns each
+    /// replica's outcome.
     ///
     /// Once the stop has begun no back-off is waited out: a worker that was
     /// failing makes one last attempt (which ships what is committed, see
     /// `Replicator::run`) and returns its outcome, so a failure can never
     /// lead to another round of "will restart".
-    fn run(mut self, control: Receiver<Control>) -> Result<()> {
-        let span = tracing::info_span!("replicate", db = %self.db, replica = %self.target);
+    fn run(mut self, control: Receiver<Control>) -> Vec<Result<()>> {
+        let span = tracing::info_span!("replicate", db = %self.db);
         let _enter = span.enter();
         let mut backoff = self.opts.monitor_interval.max(Duration::from_millis(100));
         loop {
@@ -612,41 +651,54 @@ impl Job {
                 // attempt (for the database to appear) must see one.
                 let _ = self.wake.send(Control::Shutdown);
             }
-            match self.attempt(&control) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    if let Some(tx) = self.started.take() {
-                        // Reported as a start-up failure, unless nobody waits
-                        // for that any more (a signal ended the start-up):
-                        // then it is this worker's outcome.
-                        return match tx.send(Err(e)) {
-                            Ok(()) => Ok(()),
-                            Err(Err(e)) => Err(e),
-                            Err(Ok(())) => Ok(()),
-                        };
-                    }
-                    let lost = matches!(e, Error::ContinuityLost { .. });
-                    if let Error::ContinuityLost { reason, .. } = &e {
-                        self.status.continuity_lost();
-                        tracing::error!(error = %e, "nothing more goes into this generation; starting a new one from a fresh snapshot");
-                        self.force_new = Some(format!("continuity lost: {reason}"));
-                    }
-                    if last || self.stop.expired() {
-                        return Err(e);
-                    }
-                    if self.stop.requested() {
-                        tracing::warn!(error = %e, "replication failed while stopping, one last attempt");
-                        continue;
-                    }
-                    self.status.set_state(State::Failing);
-                    if !lost {
-                        tracing::warn!(error = %e, retry_in = ?backoff, "replication failed, will restart");
-                    }
-                    self.pause(&control, backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                }
+            let (who, e) = match self.attempt(&control) {
+                Ok(outcomes) => return outcomes,
+                Err(failure) => failure,
+            };
+            if let Some(tx) = self.started.take() {
+                // Reported as a start-up failure, unless nobody waits for
+                // that any more (a signal ended the start-up): then it is
+                // this worker's outcome.
+                return match tx.send(Err((who, e))) {
+                    Ok(()) => self.all(|| Ok(())),
+                    Err(Err((_, e))) => self.all_err(&e),
+                    Err(Ok(())) => self.all(|| Ok(())),
+                };
             }
+            let lost = matches!(e, Error::ContinuityLost { .. });
+            if let Error::ContinuityLost { reason, .. } = &e {
+                for (_, status, _, _) in &self.replicas {
+                    status.continuity_lost();
+                }
+                tracing::error!(error = %e, "nothing more goes into this generation; starting a new one from a fresh snapshot");
+                self.force_new = Some(format!("continuity lost: {reason}"));
+            }
+            if last || self.stop.expired() {
+                return self.all_err(&e);
+            }
+            if self.stop.requested() {
+                tracing::warn!(error = %e, "replication failed while stopping, one last attempt");
+                continue;
+            }
+            for (_, status, _, _) in &self.replicas {
+                status.set_state(State::Failing);
+            }
+            if !lost {
+                let at = who.map(|w| format!(" ({w})")).unwrap_or_default();
+                tracing::warn!(error = %e, retry_in = ?backoff, "replication failed{at}, will restart");
+            }
+            self.pause(&control, backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+
+    fn all(&self, f: impl Fn() -> Result<()>) -> Vec<Result<()>> {
+        self.replicas.iter().map(|_| f()).collect()
+    }
+
+    /// The same failure for every replica (the error is not `Clone`).
+    fn all_err(&self, e: &Error) -> Vec<Result<()>> {
+        self.all(|| Err(Error::Invalid(e.to_string())))
     }
 
     /// Waits `d`, or less if the stop begins.
@@ -665,34 +717,52 @@ impl Job {
         }
     }
 
-    fn attempt(&mut self, control: &Receiver<Control>) -> Result<()> {
-        crate::db::check_directory(&self.opts.db)?;
+    fn attempt(
+        &mut self,
+        control: &Receiver<Control>,
+    ) -> std::result::Result<Vec<Result<()>>, (Option<String>, Error)> {
+        crate::db::check_directory(&self.opts.db).map_err(|e| (None, e))?;
         if !self.opts.db.exists() {
             // The application will create it; that counts as started.
-            self.status.set_state(State::Waiting);
+            for (_, status, _, _) in &self.replicas {
+                status.set_state(State::Waiting);
+            }
             if let Some(tx) = self.started.take() {
                 let _ = tx.send(Ok(()));
             }
         }
-        let Some(mut r) = Replicator::open(
-            self.opts.clone(),
-            self.replica.clone(),
-            self.rt.clone(),
-            control,
-            self.status.clone(),
-        )?
+        let waiting = || {
+            for (_, status, _, _) in &self.replicas {
+                status.set_state(State::Waiting);
+            }
+        };
+        let Some(source) =
+            Source::open(self.opts.clone(), control, &waiting).map_err(|e| (None, e))?
         else {
             // Stopped while waiting for the database: nothing is committed.
-            return Ok(());
+            return Ok(self.all(|| Ok(())));
         };
-        if let Some(reason) = &self.force_new {
-            r.force_new_generation(reason.clone());
-        }
-        r.start()?;
+        let shippers = self
+            .replicas
+            .iter()
+            .map(|(replica, status, opts, _)| {
+                let mut s = Shipper::new(replica.clone(), status.clone(), opts.clone());
+                if let Some(reason) = &self.force_new {
+                    s.force_new_generation(reason.clone());
+                }
+                s
+            })
+            .collect();
+        let mut r = Replicator::new(source, shippers, self.rt.clone());
+        r.start().map_err(|StartError { replica, error }| {
+            let who = replica.map(|i| format!("{} -> {}", self.db, self.replicas[i].3));
+            (who, error)
+        })?;
         self.force_new = None;
         if let Some(tx) = self.started.take() {
             let _ = tx.send(Ok(()));
         }
         r.run(control, self.wake.clone(), &self.watcher, &self.stop)
+            .map_err(|e| (None, e))
     }
 }

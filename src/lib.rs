@@ -3,8 +3,11 @@
 //!
 //! Module map (one concept each):
 //! * [`wal`] parses SQLite's WAL and proves continuity with its checksums;
-//! * [`db`] is the source database: connections, read locks, snapshot images;
-//! * [`replicate`] is the engine that ships WAL frames as [`segment`]s;
+//! * [`db`] holds the one descriptor of a database file and its connections;
+//! * [`source`] is one replicated database: its read lock, the WAL read once,
+//!   checkpoints; [`shipper`] is one replica of it: generations, uploads,
+//!   pacing, back-off; [`replicate`] is the worker that feeds the first to
+//!   the second, as [`segment`]s;
 //! * [`checkpoint`] checkpoints on the application's behalf without stalling it;
 //! * [`snapshot`], [`segment`], [`generation`] and [`format`] define what is
 //!   stored (see FORMAT.md);
@@ -34,8 +37,10 @@ pub mod restore;
 pub mod retention;
 pub mod segment;
 pub mod server;
+pub mod shipper;
 pub mod shutdown;
 pub mod snapshot;
+pub mod source;
 pub mod storage;
 pub mod verify;
 pub mod wal;

@@ -107,7 +107,7 @@ impl WalCursor {
 
 /// Whole transactions read from a WAL, reduced to the newest version of each
 /// page.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Committed {
     /// Newest version of every page written by the transactions read.
     pub pages: BTreeMap<u32, Vec<u8>>,

@@ -14,7 +14,14 @@ use std::sync::{Arc, Mutex};
 
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
-use crate::replicate::Control;
+/// Messages to a database's worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Something changed on disk (or a test wants a round now).
+    Wake,
+    /// Ship what is committed, then stop.
+    Shutdown,
+}
 
 struct Target {
     id: u64,

@@ -146,6 +146,9 @@ pub struct Shipper {
     /// A failing replica is not tried again before this.
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// Every event about this replica is logged inside it (the replica as a
+    /// structured field of the span, the database in the event).
+    span: tracing::Span,
 }
 
 impl Shipper {
@@ -153,7 +156,7 @@ impl Shipper {
         let backoff = opts.retry_after;
         Shipper {
             replica,
-            status,
+            status: status.clone(),
             opts,
             state: None,
             held: VecDeque::new(),
@@ -162,6 +165,7 @@ impl Shipper {
             restart: None,
             retry_at: None,
             backoff,
+            span: tracing::info_span!("ship", replica = %status.replica),
         }
     }
 
@@ -212,6 +216,8 @@ impl Shipper {
     /// Takes a batch the source read. Past `max-pending` everything held is
     /// dropped and the shipper detaches (see the module doc).
     pub fn hold(&mut self, batch: Arc<Batch>) {
+        let span = self.span.clone();
+        let _span = span.enter();
         if !self.attached() {
             return;
         }
@@ -349,6 +355,8 @@ impl Shipper {
     /// position past every stored segment and drops their batches; on an
     /// error, backs off (the rest stays held). Returns the error.
     pub fn uploaded(&mut self, upload: Upload, outcome: Uploaded) -> Option<Error> {
+        let span = self.span.clone();
+        let _span = span.enter();
         self.last_upload = Some(outcome.started);
         for ((header, batch, take), bytes) in upload.segments.iter().zip(&outcome.stored) {
             for _ in 0..*take {
@@ -387,6 +395,8 @@ impl Shipper {
 
     /// Records a failed attempt (upload, snapshot, start): backs off.
     pub fn failed(&mut self, e: &Error, what: &str) {
+        let span = self.span.clone();
+        let _span = span.enter();
         self.status.set_state(State::Failing);
         tracing::warn!(
             db = %self.status.db,
@@ -466,6 +476,8 @@ impl Shipper {
 
     /// Records a stored snapshot.
     pub fn snapshot_stored(&mut self, header: &SnapshotHeader, bytes: u64) {
+        let span = self.span.clone();
+        let _span = span.enter();
         self.status.shipped_snapshot(bytes);
         tracing::info!(
             db = %self.status.db,
@@ -496,6 +508,7 @@ impl Shipper {
         self.replica.put_manifest(manifest).await?;
         let bytes = self.replica.put_snapshot_file(snapshot, path).await?;
         tracing::info!(
+            parent: &self.span,
             db = %self.status.db,
             replica = %self.replica.location(),
             generation = %manifest.generation,
@@ -522,6 +535,8 @@ impl Shipper {
     /// provably continues at `cursor`, holding `gap` (the transactions
     /// between the generation's end and where the source reads next).
     pub fn resume(&mut self, state: Shipping, gap: Vec<Arc<Batch>>) {
+        let span = self.span.clone();
+        let _span = span.enter();
         tracing::info!(
             db = %self.status.db,
             replica = %self.replica.location(),
@@ -589,7 +604,7 @@ impl Shipper {
                     // where the replica ends: start over rather than
                     // continue after it.
                     Err(e @ (Error::Corrupt { .. } | Error::BadObject { .. })) => {
-                        tracing::warn!(error = %e, "newest object of the replica is unreadable");
+                        tracing::warn!(parent: &self.span, error = %e, "newest object of the replica is unreadable");
                         return Ok(Err(format!("newest object is unreadable: {e}")));
                     }
                     Err(e) => return Err(e),

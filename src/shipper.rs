@@ -647,3 +647,238 @@ impl Shipper {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::memory::MemoryStorage;
+    use crate::storage::{ObjectMeta, Storage, StorageError};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const PS: u32 = 4096;
+
+    /// In-memory storage whose writes fail while `down` is set.
+    #[derive(Debug, Default)]
+    struct Flaky {
+        inner: MemoryStorage,
+        down: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Storage for Flaky {
+        async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StorageError::Backend {
+                    op: "put",
+                    location: self.location(),
+                    key: key.into(),
+                    message: "down".into(),
+                });
+            }
+            self.inner.put(key, data).await
+        }
+        async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.inner.delete(key).await
+        }
+        fn location(&self) -> String {
+            "memory://flaky".into()
+        }
+    }
+
+    fn cursor(frames: u64) -> WalCursor {
+        WalCursor {
+            salt1: 1,
+            salt2: 2,
+            offset: wal::WAL_HEADER_SIZE + frames * (wal::FRAME_HEADER_SIZE + PS as u64),
+            checksum: (frames as u32, 7),
+            page_size: PS,
+            big_endian: false,
+        }
+    }
+
+    /// One transaction of `pages` distinct pages (numbered from `first`),
+    /// ending at WAL frame `end`.
+    fn batch(first: u32, pages: u32, end: u64) -> Arc<Batch> {
+        let mut c = wal::Committed {
+            frames: pages as u64,
+            db_pages: first + pages - 1,
+            min_db_pages: first + pages - 1,
+            transactions: 1,
+            ..Default::default()
+        };
+        for p in first..first + pages {
+            c.pages.insert(p, vec![p as u8; PS as usize]);
+        }
+        Arc::new(Batch {
+            committed: c,
+            end: cursor(end),
+        })
+    }
+
+    /// A shipper that started a generation (manifest and a one-page
+    /// snapshot at WAL frame 0) on `storage`.
+    fn attached(storage: Arc<Flaky>, opts: ShipperOptions) -> Shipper {
+        let replica = Replica::new(storage);
+        let mut s = Shipper::new(replica, ReplicaStatus::detached("app.db", "mem"), opts);
+        let id = crate::generation::new_id();
+        let manifest = Manifest {
+            generation: id.clone(),
+            started_at: Utc::now(),
+            reason: "test".into(),
+            page_size: PS,
+            database: "app.db".into(),
+            hostname: None,
+            walstream_version: "test".into(),
+        };
+        let header = SnapshotHeader {
+            generation: id,
+            index: 0,
+            position: 0,
+            page_size: PS,
+            db_pages: 1,
+            timestamp_ms: Utc::now().timestamp_millis(),
+            wal: Some(WalPoint::from_cursor(&cursor(0))),
+        };
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        crate::snapshot::write_file(&header, tmp.path(), |w| w.write_all(&[0u8; PS as usize]))
+            .unwrap();
+        rt().block_on(s.begin_generation(&manifest, &header, tmp.path(), Some(cursor(0))))
+            .unwrap();
+        s
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    fn upload(s: &mut Shipper, force: bool) -> Option<Option<Error>> {
+        let u = s.plan(PS, Instant::now(), force)?;
+        let out = rt().block_on(u.run());
+        Some(s.uploaded(u, out))
+    }
+
+    #[test]
+    fn held_batches_go_up_as_one_numbered_segment() {
+        let storage = Arc::new(Flaky::default());
+        let mut s = attached(storage.clone(), ShipperOptions::default());
+        s.hold(batch(1, 2, 2));
+        s.hold(batch(2, 3, 5));
+        assert!(s.due(Instant::now()));
+        assert!(upload(&mut s, false).unwrap().is_none());
+        let st = s.state().unwrap();
+        assert_eq!((st.next_index, st.position), (1, 5));
+        assert_eq!(st.cursor, Some(cursor(5)));
+        assert!(!s.holds_anything());
+        let seg = rt()
+            .block_on(s.replica().get_segment(&st.generation, 0))
+            .unwrap();
+        assert_eq!(seg.header.first_position, 0);
+        assert_eq!(seg.header.last_position, 5);
+        assert_eq!(seg.header.transactions, 2);
+        // Page 2 of the later transaction wins.
+        assert_eq!(seg.pages.len(), 4);
+        assert_eq!(seg.pages[&2][0], 2);
+        assert_eq!(seg.header.wal, WalPoint::from_cursor(&cursor(5)));
+    }
+
+    #[test]
+    fn a_sync_interval_spaces_uploads_unless_a_segment_is_held() {
+        let storage = Arc::new(Flaky::default());
+        let opts = ShipperOptions {
+            sync_interval: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let mut s = attached(storage, opts);
+        s.hold(batch(1, 1, 1));
+        // The first commit after a quiet spell ships at once.
+        assert!(upload(&mut s, false).is_some());
+        s.hold(batch(2, 1, 2));
+        assert!(!s.due(Instant::now()));
+        assert!(s.plan(PS, Instant::now(), false).is_none());
+        assert!(s.wants_round_in(Instant::now()).unwrap() > Duration::from_secs(3000));
+        // A segment's worth held goes up at once.
+        let pages = (MAX_SEGMENT_BYTES / PS as u64) as u32;
+        s.hold(batch(3, pages, 2 + pages as u64));
+        assert!(s.due(Instant::now()));
+        assert!(upload(&mut s, false).unwrap().is_none());
+        assert_eq!(s.state().unwrap().position, 2 + pages as u64);
+        // At shutdown everything goes, whatever the interval.
+        s.hold(batch(1, 1, 3 + pages as u64));
+        assert!(upload(&mut s, true).unwrap().is_none());
+        assert!(!s.holds_anything());
+    }
+
+    #[test]
+    fn a_failing_replica_holds_then_detaches_past_max_pending() {
+        let storage = Arc::new(Flaky::default());
+        let opts = ShipperOptions {
+            max_pending: 10 * PS as u64,
+            retry_after: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let mut s = attached(storage.clone(), opts);
+        storage.down.store(true, Ordering::SeqCst);
+        s.hold(batch(1, 4, 4));
+        assert!(upload(&mut s, false).unwrap().is_some());
+        // Nothing was lost: the batch is still held, and the position stands.
+        assert_eq!(s.held_bytes(), 4 * PS as u64);
+        assert_eq!(s.state().unwrap().position, 0);
+        assert_eq!(s.status().state(), State::Failing);
+        s.hold(batch(5, 4, 8));
+        assert!(s.attached());
+        s.hold(batch(9, 4, 12));
+        // Past max-pending: detached, holding nothing, and the next start
+        // begins a new generation saying why.
+        assert!(!s.attached());
+        assert_eq!(s.held_bytes(), 0);
+        s.hold(batch(13, 1, 13));
+        assert_eq!(s.held_bytes(), 0, "a detached replica holds nothing");
+        assert!(s.restart_reason().unwrap().contains("max-pending"));
+        let found = rt().block_on(s.find_resume(PS)).unwrap();
+        assert!(found.unwrap_err().contains("max-pending"));
+        assert!(s.plan(PS, Instant::now(), true).is_none());
+    }
+
+    #[test]
+    fn failed_uploads_resume_where_they_stopped() {
+        let storage = Arc::new(Flaky::default());
+        let opts = ShipperOptions {
+            retry_after: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let mut s = attached(storage.clone(), opts);
+        s.hold(batch(1, 1, 1));
+        assert!(upload(&mut s, false).unwrap().is_none());
+        storage.down.store(true, Ordering::SeqCst);
+        s.hold(batch(2, 1, 2));
+        assert!(upload(&mut s, false).unwrap().is_some());
+        s.hold(batch(3, 1, 3));
+        storage.down.store(false, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(upload(&mut s, false).unwrap().is_none());
+        let st = s.state().unwrap().clone();
+        assert_eq!((st.next_index, st.position), (2, 3));
+        // A new shipper on the same storage (a restart) finds exactly where
+        // it ends: the next index, the position, the WAL point.
+        let fresh = Shipper::new(
+            Replica::new(storage.clone()),
+            ReplicaStatus::detached("app.db", "mem"),
+            ShipperOptions::default(),
+        );
+        let found = rt().block_on(fresh.find_resume(PS)).unwrap().unwrap();
+        assert_eq!(found.generation, st.generation);
+        assert_eq!((found.next_index, found.position), (2, 3));
+        assert_eq!(found.cursor, Some(cursor(3)));
+        // Another page size cannot continue it.
+        let other = rt().block_on(fresh.find_resume(PS * 2)).unwrap();
+        assert!(other.unwrap_err().contains("page size"));
+    }
+}

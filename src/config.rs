@@ -829,6 +829,38 @@ mod tests {
     }
 
     #[test]
+    fn each_replica_keeps_its_own_snapshot_interval_and_max_pending() {
+        let s = parse(
+            "snapshot:\n  interval: 6h\ndbs:\n  - path: /a.db\n    replicas:\n      - path: /r1\n        snapshot-interval: 1h\n        max-pending: 256MiB\n      - path: /r2\n      - path: /r3\n        max-pending: 1000000\n  - path: /b.db\n    snapshot-interval: 2h\n    replicas:\n      - path: /r4\n",
+        )
+        .unwrap();
+        let r = &s.dbs[0].replicas;
+        // The first replica's interval is its own, not every replica's.
+        assert_eq!(r[0].snapshot_interval, Duration::from_secs(3600));
+        assert_eq!(r[1].snapshot_interval, Duration::from_secs(6 * 3600));
+        assert_eq!(r[2].snapshot_interval, Duration::from_secs(6 * 3600));
+        assert_eq!(r[0].max_pending, 256 << 20);
+        assert_eq!(r[1].max_pending, crate::shipper::DEFAULT_MAX_PENDING);
+        assert_eq!(r[2].max_pending, 1_000_000);
+        assert_eq!(
+            s.dbs[1].replicas[0].snapshot_interval,
+            Duration::from_secs(2 * 3600)
+        );
+        for (text, needle) in [
+            ("max-pending: 0", "max-pending must be positive"),
+            ("max-pending: 12 parsecs", "unknown unit"),
+            ("max-pending: lots", "invalid size"),
+        ] {
+            let e = parse(&format!(
+                "dbs:\n  - path: /a.db\n    replicas:\n      - path: /r1\n        {text}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn litestream_examples() {
         let s = parse(
             "dbs:\n  - path: /var/lib/app.db\n    replicas:\n      - url: s3://bucket/app?endpoint=http://127.0.0.1:9000&forcePathStyle=true\n      - type: s3\n        bucket: b2\n        path: /db/\n        region: us-east-1\n        sync-interval: 1s\n  - path: other.db\n    replica:\n      path: /backups/other\n",

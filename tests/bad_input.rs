@@ -531,3 +531,58 @@ fn malformed_config_names_the_line() {
         assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
     }
 }
+
+/// `walstream segments URL | head -1`: a reader that goes away ends a
+/// listing quietly with success, never a panic on the broken pipe.
+#[test]
+fn listings_end_quietly_when_the_reader_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, replica) = replica_with_segments(dir.path());
+    for cmd in ["segments", "snapshots", "generations", "version"] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        // The read end is closed before walstream writes anything.
+        drop(reader);
+        let mut args = vec![cmd];
+        if cmd != "version" {
+            args.push(replica.to_str().unwrap());
+        }
+        let o = std::process::Command::new(bin())
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(o.status.success(), "{cmd}: {:?}\n{err}", o.status);
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
+    }
+}
+
+/// `--dry-run` does what `WALSTREAM_DRY_RUN=1` does: prints the plan and
+/// touches nothing (the database is not even created).
+#[test]
+fn dry_run_flag_prints_the_plan_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let o = walstream(&[
+        "replicate",
+        "--dry-run",
+        db.to_str().unwrap(),
+        replica.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("would replicate"), "{out}");
+    assert!(!db.exists() && !replica.exists());
+    let o = walstream(&[
+        "restore",
+        "--dry-run",
+        "-o",
+        dir.path().join("out.db").to_str().unwrap(),
+        replica.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("would restore"));
+    assert!(!dir.path().join("out.db").exists());
+}

@@ -1,0 +1,9 @@
+//! The command line, one module per subcommand; `main.rs` parses the
+//! arguments, sets up logging and dispatches here.
+
+pub mod list;
+pub mod out;
+pub mod replicate;
+pub mod restore;
+pub mod target;
+pub mod verify;

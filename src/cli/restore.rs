@@ -1,0 +1,130 @@
+//! `walstream restore`: rebuild a database from a replica, to the latest
+//! state or to a point in time.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+
+use walstream::restore::{self, RestoreOptions, RestoreOutcome};
+
+use super::out::outln;
+use super::target::{resolve_target, Target};
+
+/// The restore command's arguments.
+pub struct Restore {
+    pub target: Target,
+    pub output: PathBuf,
+    pub generation: Option<String>,
+    pub timestamp: Option<DateTime<Utc>>,
+    pub if_db_not_exists: bool,
+    pub if_replica_exists: bool,
+}
+
+pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
+    let Restore {
+        target,
+        output,
+        generation,
+        timestamp,
+        if_db_not_exists,
+        if_replica_exists,
+    } = args;
+    let (replica, concurrency, _) = resolve_target(&target).await?;
+    keep_freed_memory();
+    if dry_run {
+        outln!(
+            "would restore {} from {} to {}",
+            target.target,
+            replica.location(),
+            output.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let progress: Option<Arc<dyn restore::Progress>> =
+        std::io::IsTerminal::is_terminal(&std::io::stderr())
+            .then(|| Arc::new(Bar::default()) as Arc<dyn restore::Progress>);
+    let opts = RestoreOptions {
+        concurrency,
+        output: output.clone(),
+        generation,
+        timestamp,
+        if_db_not_exists,
+        if_replica_exists,
+        progress,
+    };
+    match restore::restore(&replica, &opts).await? {
+        RestoreOutcome::OutputExists => {
+            tracing::info!(output = %output.display(), "output exists, nothing restored");
+        }
+        RestoreOutcome::NothingToRestore => {
+            tracing::info!(replica = %replica.location(), "replica is empty, nothing restored");
+        }
+        RestoreOutcome::Restored {
+            generation,
+            snapshot_index,
+            segments,
+            position,
+            db_pages,
+            ..
+        } => {
+            tracing::info!(output = %output.display(), %generation, snapshot_index, segments, position, db_pages, "restored");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A restore is short-lived and passes object after object through buffers
+/// of megabytes. By default glibc hands such buffers back to the kernel when
+/// they are freed, and the next object faults fresh pages in again; keeping
+/// freed memory for reuse costs nothing a restore would notice.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator tunables.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
+}
+
+/// A terminal progress bar for restore: bytes of objects applied, and
+/// segments.
+#[derive(Debug, Default)]
+struct Bar {
+    bar: std::sync::OnceLock<indicatif::ProgressBar>,
+    segments: AtomicU64,
+    /// Objects applied, the snapshot first.
+    applied: AtomicU64,
+}
+
+impl restore::Progress for Bar {
+    fn begin(&self, segments: u64, bytes: u64) {
+        let bar = indicatif::ProgressBar::new(bytes);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "[{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message(format!("snapshot, 0/{segments} segments"));
+        self.segments.store(segments, Ordering::Relaxed);
+        let _ = self.bar.set(bar);
+    }
+
+    fn applied(&self, bytes: u64) {
+        if let Some(bar) = self.bar.get() {
+            let n = self.applied.fetch_add(1, Ordering::Relaxed);
+            let total = self.segments.load(Ordering::Relaxed);
+            bar.inc(bytes);
+            bar.set_message(format!("{n}/{total} segments"));
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.get() {
+            bar.finish_with_message("applied; checking integrity");
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `walstream verify`: prove a replica restores, and (with a database from
+//! the config) that it equals the live database.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use super::list::fmt_ms;
+use super::out::outln;
+use super::target::{resolve_target, Target};
+
+pub async fn run(target: Target) -> Result<ExitCode> {
+    let (replica, _, db) = resolve_target(&target).await?;
+    let tmp = tempfile::tempdir().context("create a temporary directory")?;
+    let report = walstream::verify::verify(&replica, db.as_deref(), tmp.path()).await?;
+    for f in &report.faults {
+        outln!("fault: {f}");
+    }
+    if let Some(m) = &report.not_compared {
+        outln!("fault: {m}");
+    }
+    outln!(
+        "{} generations, {} objects checked in {}",
+        report.generations,
+        report.objects,
+        replica.location()
+    );
+    if let Some((g, pos, ms)) = &report.restored {
+        outln!(
+            "restored generation {g} to position {pos} ({}): integrity ok",
+            fmt_ms(*ms)
+        );
+    }
+    if let (Some(at), Some(db)) = (report.compared_at, &db) {
+        outln!("content equals {} at WAL offset {at}", db.display());
+    }
+    if report.ok() {
+        outln!("ok");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        outln!("FAILED");
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::defaults;
+pub use crate::storage::target::{ReplicaTarget, S3Target};
+pub use crate::units::{parse_duration, parse_size};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {}: {source}", path.display())]
@@ -36,15 +40,6 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Erro
     }
 }
 
-/// Parses Go-style durations: "500ms", "1s", "1m", "24h", "1h30m".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(t).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
-
 /// A size in bytes: a number, or a number with a unit (`KB`, `MB`, `GB` in
 /// powers of 1000; `KiB`, `MiB`, `GiB` in powers of 1024).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,33 +60,6 @@ impl<'de> Deserialize<'de> for ByteSize {
                 .map_err(serde::de::Error::custom),
         }
     }
-}
-
-/// Parses "64MiB", "500 MB", "1048576".
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number of bytes, e.g. 64MiB"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1000,
-        "mb" => 1000 * 1000,
-        "gb" => 1000 * 1000 * 1000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit {:?} (use KB, MB, GB, KiB, MiB or GiB)",
-                unit.trim()
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -232,8 +200,8 @@ impl Settings {
             exec: None,
             log_level: None,
             log_format: LogFormat::Text,
-            ready_lag: Duration::from_secs(10),
-            shutdown_timeout: crate::shutdown::DEFAULT_SHUTDOWN_TIMEOUT,
+            ready_lag: defaults::READY_LAG,
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
             levels: default_levels(),
         }
     }
@@ -241,7 +209,7 @@ impl Settings {
 
 /// Compaction every 5 minutes, then every hour.
 pub fn default_levels() -> Vec<Duration> {
-    vec![Duration::from_secs(300), Duration::from_secs(3600)]
+    defaults::LEVELS.to_vec()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,12 +259,12 @@ impl DbSettings {
         DbSettings {
             path,
             replicas,
-            monitor_interval: Duration::from_secs(1),
-            checkpoint_interval: Duration::from_secs(60),
-            min_checkpoint_page_count: 1000,
-            max_checkpoint_page_count: 10_000,
-            snapshot_interval: Duration::from_secs(24 * 3600),
-            busy_timeout: Duration::from_secs(5),
+            monitor_interval: defaults::MONITOR_INTERVAL,
+            checkpoint_interval: defaults::CHECKPOINT_INTERVAL,
+            min_checkpoint_page_count: defaults::MIN_CHECKPOINT_PAGE_COUNT,
+            max_checkpoint_page_count: defaults::MAX_CHECKPOINT_PAGE_COUNT,
+            snapshot_interval: defaults::SNAPSHOT_INTERVAL,
+            busy_timeout: defaults::BUSY_TIMEOUT,
         }
     }
 }
@@ -315,172 +283,26 @@ pub struct ReplicaSettings {
     pub validation_interval: Option<Duration>,
     /// How often a snapshot is stored (default: the database's, 24h).
     pub snapshot_interval: Duration,
-    /// See `crate::shipper::DEFAULT_MAX_PENDING`.
+    /// See `defaults::MAX_PENDING`.
     pub max_pending: u64,
 }
 
-/// Default `sync-interval` of a directory replica (see `ReplicaSettings::new`).
-pub const DEFAULT_FILE_SYNC_INTERVAL: Duration = Duration::from_millis(25);
-
 impl ReplicaSettings {
-    /// Defaults per backend. A directory batches for 25 ms: every upload is
-    /// a durable file (create, write, fsync, rename, fsync of the directory,
-    /// most of a millisecond of kernel CPU each; see the `durable_write_floor`
-    /// bench), and one per commit cost 86-110 ms of CPU a second at 200 tx/s
-    /// against ~30 at 25 ms, for at most 25 ms less data at risk; the first
-    /// commit after a quiet spell still ships at once. S3 batches for up to
-    /// a second, because every upload is a billed request.
+    /// Defaults per backend (see `defaults`).
     pub fn new(target: ReplicaTarget) -> ReplicaSettings {
         let sync_interval = match &target {
-            ReplicaTarget::S3(s3) => s3.sync_interval.unwrap_or(Duration::from_secs(1)),
-            ReplicaTarget::File { .. } => DEFAULT_FILE_SYNC_INTERVAL,
+            ReplicaTarget::S3(s3) => s3.sync_interval.unwrap_or(defaults::S3_SYNC_INTERVAL),
+            ReplicaTarget::File { .. } => defaults::FILE_SYNC_INTERVAL,
         };
         ReplicaSettings {
             target,
             sync_interval,
-            retention: Duration::from_secs(24 * 3600),
-            retention_check_interval: Duration::from_secs(3600),
+            retention: defaults::RETENTION,
+            retention_check_interval: defaults::RETENTION_CHECK_INTERVAL,
             validation_interval: None,
-            snapshot_interval: Duration::from_secs(24 * 3600),
-            max_pending: crate::shipper::DEFAULT_MAX_PENDING,
+            snapshot_interval: defaults::SNAPSHOT_INTERVAL,
+            max_pending: defaults::MAX_PENDING,
         }
-    }
-}
-
-/// Where a replica lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicaTarget {
-    File { path: PathBuf },
-    S3(Box<S3Target>),
-}
-
-#[derive(Clone, PartialEq, Eq)]
-pub struct S3Target {
-    pub bucket: String,
-    /// Key prefix without leading or trailing slash.
-    pub prefix: String,
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    pub force_path_style: bool,
-    pub skip_verify: bool,
-    /// Server-side encryption: `AES256` or `aws:kms`.
-    pub sse: Option<String>,
-    pub sse_kms_key_id: Option<String>,
-    pub storage_class: Option<String>,
-    /// Multipart part size in bytes.
-    pub part_size: Option<usize>,
-    /// Parallel downloads during restore.
-    pub concurrency: Option<usize>,
-    /// Minimum time between two uploads (Litestream's `sync-interval`).
-    pub sync_interval: Option<Duration>,
-}
-
-impl S3Target {
-    pub fn new(bucket: &str, prefix: &str) -> S3Target {
-        S3Target {
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-            endpoint: None,
-            region: None,
-            access_key_id: None,
-            secret_access_key: None,
-            force_path_style: false,
-            skip_verify: false,
-            sse: None,
-            sse_kms_key_id: None,
-            storage_class: None,
-            part_size: None,
-            concurrency: None,
-            sync_interval: None,
-        }
-    }
-}
-
-impl std::fmt::Debug for S3Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print credentials, not even in debug output.
-        f.debug_struct("S3Target")
-            .field("bucket", &self.bucket)
-            .field("prefix", &self.prefix)
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("force_path_style", &self.force_path_style)
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Display for ReplicaTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReplicaTarget::File { path } => write!(f, "file://{}", path.display()),
-            ReplicaTarget::S3(s) if s.prefix.is_empty() => write!(f, "s3://{}", s.bucket),
-            ReplicaTarget::S3(s) => write!(f, "s3://{}/{}", s.bucket, s.prefix),
-        }
-    }
-}
-
-impl ReplicaTarget {
-    /// The same kind of target one level down, at `rel` (a relative path).
-    pub fn join(&self, rel: &Path) -> ReplicaTarget {
-        match self {
-            ReplicaTarget::File { path } => ReplicaTarget::File {
-                path: path.join(rel),
-            },
-            ReplicaTarget::S3(s3) => {
-                let mut s3 = s3.clone();
-                let rel = rel.to_string_lossy();
-                s3.prefix = if s3.prefix.is_empty() {
-                    rel.to_string()
-                } else {
-                    format!("{}/{rel}", s3.prefix)
-                };
-                ReplicaTarget::S3(s3)
-            }
-        }
-    }
-
-    /// Parses `file:///dir`, a plain path, or
-    /// `s3://bucket/prefix?endpoint=..&region=..&forcePathStyle=true`.
-    pub fn parse_url(s: &str) -> Result<ReplicaTarget, String> {
-        if let Some(rest) = s.strip_prefix("file://") {
-            if rest.is_empty() {
-                return Err("file:// URL has no path".into());
-            }
-            return Ok(ReplicaTarget::File {
-                path: PathBuf::from(rest),
-            });
-        }
-        if let Some(rest) = s.strip_prefix("s3://") {
-            let (loc, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let (bucket, prefix) = loc.split_once('/').unwrap_or((loc, ""));
-            if bucket.is_empty() {
-                return Err("s3:// URL has no bucket".into());
-            }
-            let mut t = S3Target::new(bucket, prefix);
-            for pair in query.split('&').filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
-                match k {
-                    "endpoint" => t.endpoint = Some(v.to_string()),
-                    "region" => t.region = Some(v.to_string()),
-                    "forcePathStyle" | "force-path-style" => t.force_path_style = v == "true",
-                    "skipVerify" | "skip-verify" => t.skip_verify = v == "true",
-                    "syncInterval" | "sync-interval" => t.sync_interval = Some(parse_duration(v)?),
-                    other => return Err(format!("unknown S3 URL parameter {other:?}")),
-                }
-            }
-            return Ok(ReplicaTarget::S3(Box::new(t)));
-        }
-        if let Some((scheme, _)) = s.split_once("://") {
-            return Err(format!("unsupported replica scheme {scheme:?}"));
-        }
-        if s.is_empty() {
-            return Err("empty replica path".into());
-        }
-        Ok(ReplicaTarget::File {
-            path: PathBuf::from(s),
-        })
     }
 }
 
@@ -754,10 +576,8 @@ impl Config {
             exec: self.exec.clone(),
             log_level: logging.level,
             log_format,
-            ready_lag: self.ready_lag.unwrap_or(Duration::from_secs(10)),
-            shutdown_timeout: self
-                .shutdown_timeout
-                .unwrap_or(crate::shutdown::DEFAULT_SHUTDOWN_TIMEOUT),
+            ready_lag: self.ready_lag.unwrap_or(defaults::READY_LAG),
+            shutdown_timeout: self.shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
         })
     }
 
@@ -840,7 +660,7 @@ mod tests {
         assert_eq!(r[1].snapshot_interval, Duration::from_secs(6 * 3600));
         assert_eq!(r[2].snapshot_interval, Duration::from_secs(6 * 3600));
         assert_eq!(r[0].max_pending, 256 << 20);
-        assert_eq!(r[1].max_pending, crate::shipper::DEFAULT_MAX_PENDING);
+        assert_eq!(r[1].max_pending, defaults::MAX_PENDING);
         assert_eq!(r[2].max_pending, 1_000_000);
         assert_eq!(
             s.dbs[1].replicas[0].snapshot_interval,

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
+use crate::defaults;
 use crate::error::{Error, IoContext, Result};
 use crate::generation::Manifest;
 use crate::metrics::{ReplicaStatus, State};
@@ -34,10 +35,6 @@ use crate::wal::{self, WalCursor};
 /// Distinct page bytes in one segment at most (a batch is cut at a commit
 /// boundary once it holds this much): bounds the memory of one upload.
 pub const MAX_SEGMENT_BYTES: u64 = 4 << 20;
-
-/// Default `max-pending`: how many bytes of page data a replica may hold
-/// while its storage fails before it is detached (see the module doc).
-pub const DEFAULT_MAX_PENDING: u64 = 64 << 20;
 
 /// Longest wait between two upload attempts of a failing replica.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -59,9 +56,9 @@ impl Default for ShipperOptions {
     fn default() -> Self {
         ShipperOptions {
             sync_interval: Duration::ZERO,
-            snapshot_interval: Duration::from_secs(24 * 3600),
-            max_pending: DEFAULT_MAX_PENDING,
-            retry_after: Duration::from_secs(1),
+            snapshot_interval: defaults::SNAPSHOT_INTERVAL,
+            max_pending: defaults::MAX_PENDING,
+            retry_after: defaults::MONITOR_INTERVAL,
         }
     }
 }

@@ -20,9 +20,6 @@ use tokio::sync::watch;
 
 use crate::storage::{DynStorage, ObjectMeta, Storage, StorageError};
 
-/// Default `shutdown-timeout`.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The stop request shared by the daemon and its workers.
 #[derive(Debug)]
 pub struct Shutdown {

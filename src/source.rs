@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkpoint::{CheckpointPolicy, Checkpointer, Outcome};
 use crate::db::{self, DbConn, DbFile, FileId, ImagePlan};
+use crate::defaults;
 use crate::error::{Error, IoContext, Result, SqlContext};
 use crate::replicate::Control;
 use crate::shipper::{Batch, MAX_SEGMENT_BYTES};
@@ -60,14 +61,13 @@ pub struct SourceOptions {
 
 impl SourceOptions {
     pub fn new(db: impl Into<PathBuf>) -> SourceOptions {
-        let d = crate::config::DbSettings::with_defaults(PathBuf::new(), Vec::new());
         SourceOptions {
             db: db.into(),
-            monitor_interval: d.monitor_interval,
-            checkpoint_interval: d.checkpoint_interval,
-            min_checkpoint_page_count: d.min_checkpoint_page_count,
-            max_checkpoint_page_count: d.max_checkpoint_page_count,
-            busy_timeout: d.busy_timeout,
+            monitor_interval: defaults::MONITOR_INTERVAL,
+            checkpoint_interval: defaults::CHECKPOINT_INTERVAL,
+            min_checkpoint_page_count: defaults::MIN_CHECKPOINT_PAGE_COUNT,
+            max_checkpoint_page_count: defaults::MAX_CHECKPOINT_PAGE_COUNT,
+            busy_timeout: defaults::BUSY_TIMEOUT,
         }
     }
 }

@@ -144,7 +144,7 @@ fn restore_cfg(cfg: &Path, db: &Path, out: &Path, extra: &[&str]) -> std::proces
 async fn s3_conforms_to_the_storage_contract() {
     let server = S3Server::start();
     let s = S3Storage::new(&target(server.addr, "conformance/prefix", SK)).await;
-    walstream::storage::conformance::run(&s).await;
+    common::conformance::run(&s).await;
     let (put, get, list, _delete) = s.counts().snapshot();
     assert!(
         put >= 1100 && get >= 3 && list >= 2,
@@ -165,7 +165,7 @@ async fn moto_conforms_to_the_storage_contract() {
         return;
     };
     let s = S3Storage::new(&target(server.addr, "conformance/prefix", SK)).await;
-    walstream::storage::conformance::run(&s).await;
+    common::conformance::run(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

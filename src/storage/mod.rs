@@ -4,7 +4,7 @@
 //! flat keys (`a/b/c`): put a whole object, get it, list keys under a prefix,
 //! delete. Keeping the interface this small is what lets a directory, memory
 //! and S3 back the same engine, and lets one conformance suite
-//! (`storage::conformance`) hold every backend to the same contract:
+//! (`tests/common/conformance.rs`) hold every backend to the same contract:
 //!
 //! * `put` is atomic: readers see the old object, or the whole new one, never a
 //!   part of it, even if the process dies mid-write.
@@ -12,11 +12,11 @@
 //! * `list` is recursive, sorted by key, and never shows temporary objects.
 //! * `delete` of a missing key succeeds.
 
-pub mod conformance;
 pub mod file;
 pub mod memory;
 pub mod metered;
 pub mod s3;
+pub mod target;
 
 use std::fmt;
 use std::path::Path;
@@ -114,11 +114,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
 }
 
+pub use target::{ReplicaTarget, S3Target};
+
 pub type DynStorage = Arc<dyn Storage>;
 
 /// Opens the backend a replica target names. Nothing is contacted yet.
-pub async fn open(target: &crate::config::ReplicaTarget) -> DynStorage {
-    use crate::config::ReplicaTarget;
+pub async fn open(target: &ReplicaTarget) -> DynStorage {
     match target {
         ReplicaTarget::File { path } => Arc::new(FileStorage::new(path.clone())),
         ReplicaTarget::S3(s3) => {

@@ -26,8 +26,8 @@ use aws_sdk_s3::types::{
 };
 use aws_sdk_s3::Client;
 
+use super::target::S3Target;
 use super::{ObjectMeta, Storage, StorageError};
-use crate::config::S3Target;
 
 /// Lets `get_err` read the HTTP status of a raw response.
 trait HasStatus {

@@ -2,6 +2,7 @@
 //! binary, write to real SQLite files, compare databases by content.
 #![allow(dead_code)]
 
+pub mod conformance;
 pub mod faultproxy;
 pub mod moto;
 pub mod s3server;

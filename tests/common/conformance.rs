@@ -1,8 +1,8 @@
-//! The storage contract as executable checks, run against every backend
-//! (memory and directory in unit tests, S3 in the S3 integration tests).
-#![doc(hidden)]
+//! The storage contract (see `walstream::storage`) as executable checks,
+//! run against every backend: memory and directory in `tests/storage.rs`,
+//! S3 (s3s-fs and moto) in `tests/s3.rs`. Compiled for the tests only.
 
-use super::{Storage, StorageError};
+use walstream::storage::{Storage, StorageError};
 
 /// Runs every check against `s`, which must be empty. Panics on violation.
 pub async fn run(s: &dyn Storage) {
@@ -31,7 +31,8 @@ pub async fn run(s: &dyn Storage) {
     assert_eq!(s.get("g/1/segments/a").await.unwrap(), b"a2");
 
     // List: recursive, sorted, prefix-filtered, sizes reported.
-    let keys = |v: Vec<super::ObjectMeta>| v.into_iter().map(|m| m.key).collect::<Vec<_>>();
+    let keys =
+        |v: Vec<walstream::storage::ObjectMeta>| v.into_iter().map(|m| m.key).collect::<Vec<_>>();
     assert_eq!(
         keys(s.list("").await.unwrap()),
         [
@@ -97,31 +98,5 @@ pub async fn run(s: &dyn Storage) {
     assert!(listed.windows(2).all(|w| w[0].key < w[1].key));
     for m in listed {
         s.delete(&m.key).await.unwrap();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[tokio::test]
-    async fn memory_conforms() {
-        super::run(&super::super::MemoryStorage::new()).await;
-    }
-
-    #[tokio::test]
-    async fn file_conforms() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = super::super::FileStorage::new(dir.path().join("replica"));
-        super::run(&s).await;
-        // No temporary files are left behind.
-        let mut stack = vec![dir.path().to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(d).unwrap() {
-                let e = e.unwrap();
-                assert!(!e.file_name().to_string_lossy().starts_with('.'));
-                if e.file_type().unwrap().is_dir() {
-                    stack.push(e.path());
-                }
-            }
-        }
     }
 }

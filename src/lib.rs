@@ -29,6 +29,7 @@ pub mod db;
 pub mod defaults;
 pub mod error;
 pub mod exec;
+pub mod fdlimit;
 pub mod format;
 pub mod generation;
 pub mod metrics;

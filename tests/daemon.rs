@@ -451,3 +451,75 @@ fn restore_shows_progress_on_a_terminal() {
     assert!(text.contains("applied; checking integrity"), "{text}");
     integrity_ok(&out);
 }
+
+/// More databases than the open-file limit allows: the ones that fit are
+/// replicated, the limit is reported once (with the limit, the count in use
+/// and what to raise), the process keeps running, and SIGTERM ends it.
+#[test]
+fn open_file_limit_is_reported_once_and_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let n = 60;
+    for i in 0..n {
+        insert_rows(&data.join(format!("d{i:02}.db")), 0, 1);
+    }
+    let replica = dir.path().join("replica");
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "dbs:\n  - dir: {}\n    pattern: \"*.db\"\n    monitor-interval: 100ms\n    replica:\n      path: {}\n",
+            data.display(),
+            replica.display()
+        ),
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 300 && exec {} replicate --config {}",
+            bin().display(),
+            cfg.display()
+        ))
+        .env("RUST_LOG", "walstream=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = |replica: &Path| std::fs::read_dir(replica).map(|d| d.count()).unwrap_or(0);
+    wait_until("some databases started", Duration::from_secs(30), || {
+        started(&replica) > 0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let running = started(&replica);
+    assert!(
+        running > 5 && running < n,
+        "{running} of {n} databases started under a limit of 300"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "walstream exited");
+    // A database that was started keeps shipping.
+    let first = std::fs::read_dir(&replica)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    insert_rows(&data.join(&first), 1, 50);
+    std::thread::sleep(Duration::from_secs(1));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_timeout(&mut child, Duration::from_secs(15));
+    let log = stderr_of(&mut child);
+    assert!(status.success(), "{status:?}\n{log}");
+    let reports: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("open file limit reached"))
+        .collect();
+    assert_eq!(reports.len(), 1, "reported once:\n{log}");
+    for needle in ["of 300 descriptors", "ulimit -n", "not replicated"] {
+        assert!(reports[0].contains(needle), "{needle}: {}", reports[0]);
+    }
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert_eq!(
+        restored_count(&replica.join(&first), &dir.path().join("first.db")),
+        50
+    );
+}

@@ -133,7 +133,7 @@ impl Daemon {
             signals,
             stop_signal: None,
             stop: Shutdown::new(),
-            fds: FdBudget::new(),
+            fds: FdBudget::raised(),
         })
     }
 

@@ -33,7 +33,7 @@ pub struct FdBudget {
 impl FdBudget {
     /// Raises the soft limit to the hard one (as Go's runtime does for
     /// Litestream) and starts counting from the descriptors open now.
-    pub fn new() -> FdBudget {
+    pub fn raised() -> FdBudget {
         FdBudget::with_limit(raise_open_file_limit(), open_now())
     }
 
@@ -100,10 +100,10 @@ fn raise_open_file_limit() -> u64 {
             raised.rlim_cur = lim.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 tracing::debug!(from = old, to = lim.rlim_max, "raised open file limit");
-                return raised.rlim_cur as u64;
+                return raised.rlim_cur;
             }
         }
-        lim.rlim_cur as u64
+        lim.rlim_cur
     }
 }
 

@@ -187,6 +187,22 @@ impl DbFile {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI;
         let conn = Connection::open_with_flags(db, flags).db_ctx(db)?;
+        // No lookaside memory: SQLite gives every connection 120 KiB of it
+        // up front for small allocations, which walstream's two statements
+        // per round never need, and which would be most of the memory of
+        // an idle database.
+        // SAFETY: the handle is valid and no statement has run on it yet
+        // (lookaside can only be changed before any memory is taken from it);
+        // a null buffer with a size of 0 turns lookaside off.
+        unsafe {
+            rusqlite::ffi::sqlite3_db_config(
+                conn.handle(),
+                rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE,
+                std::ptr::null_mut::<std::ffi::c_void>(),
+                0 as std::ffi::c_int,
+                0 as std::ffi::c_int,
+            );
+        }
         let conn = DbConn {
             conn,
             _file: self.clone(),

@@ -120,6 +120,7 @@ fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 fn main() -> ExitCode {
+    walstream::db::configure_sqlite();
     let cli = Cli::parse();
     // The config is read before logging starts so that its `logging:`
     // section applies; its errors are printed like any other.

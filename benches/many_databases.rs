@@ -154,9 +154,17 @@ fn run_walstream(n: usize, data: &Path, replica: &Path, cfg: &Path) -> Row {
     let pid = child.id();
     let mut note = String::new();
     let mut startup = None;
+    let (mut seen, mut grew) = (0, Instant::now());
     while t0.elapsed() < Duration::from_secs(300) {
-        if files_in(replica, ".snapshot") >= n {
+        let have = files_in(replica, ".snapshot");
+        if have >= n {
             startup = Some(t0.elapsed());
+            break;
+        }
+        if have > seen {
+            (seen, grew) = (have, Instant::now());
+        } else if have > 0 && grew.elapsed() > Duration::from_secs(15) {
+            note = format!("{have} of {n} started (no more in 15 s)");
             break;
         }
         if child.try_wait().unwrap().is_some() {
@@ -166,7 +174,7 @@ fn run_walstream(n: usize, data: &Path, replica: &Path, cfg: &Path) -> Row {
             note = err.lines().last().unwrap_or("exited").replace('|', "/");
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(if n > 2000 { 1000 } else { 100 }));
     }
     let mut row = Row {
         tool: "walstream",
@@ -182,11 +190,18 @@ fn run_walstream(n: usize, data: &Path, replica: &Path, cfg: &Path) -> Row {
         note,
     };
     if startup.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
         if row.note.is_empty() {
             row.note = format!("{} of {n} started in 300 s", files_in(replica, ".snapshot"));
         }
+        if child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_secs(3));
+            row.idle_cpu_pct = idle_cpu(pid);
+            row.rss_kib = status(pid, "VmRSS:");
+            row.threads = status(pid, "Threads:");
+            row.fds = open_files(pid);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
         return row;
     }
     std::thread::sleep(Duration::from_secs(2));
@@ -273,16 +288,24 @@ fn run_litestream(bin: &Path, n: usize, data: &Path, replica: &Path) -> Row {
     let pid = child.id();
     let mut startup = None;
     let mut note = String::new();
+    let (mut seen, mut grew) = (0, Instant::now());
     while t0.elapsed() < Duration::from_secs(300) {
-        if started_replicas(replica) >= n {
+        let have = started_replicas(replica);
+        if have >= n {
             startup = Some(t0.elapsed());
+            break;
+        }
+        if have > seen {
+            (seen, grew) = (have, Instant::now());
+        } else if grew.elapsed() > Duration::from_secs(20) {
+            note = format!("{have} of {n} started (no more in 20 s)");
             break;
         }
         if let Some(st) = child.try_wait().unwrap() {
             note = format!("exited with {st}");
             break;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(if n > 2000 { 1000 } else { 200 }));
     }
     if startup.is_none() && note.is_empty() {
         note = format!("{} of {n} started in 300 s", started_replicas(replica));

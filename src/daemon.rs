@@ -103,6 +103,9 @@ pub struct Daemon {
     stop: Arc<Shutdown>,
     /// Open files: databases are started only while theirs fit.
     fds: FdBudget,
+    /// Paths `dir:` scans found (started, or refused for want of
+    /// descriptors): later scans do not open them again.
+    scanned: HashSet<PathBuf>,
 }
 
 impl Daemon {
@@ -134,6 +137,7 @@ impl Daemon {
             stop_signal: None,
             stop: Shutdown::new(),
             fds: FdBudget::raised(),
+            scanned: HashSet::new(),
         })
     }
 
@@ -148,7 +152,9 @@ impl Daemon {
                     d.dir.display()
                 )));
             }
-            dbs.extend(scan(d)?);
+            let found = scan(d)?;
+            self.scanned.extend(found.iter().map(|db| db.path.clone()));
+            dbs.extend(found);
         }
         let mut pending = Vec::new();
         for db in &dbs {
@@ -207,7 +213,7 @@ impl Daemon {
     ) -> Result<Vec<(String, oneshot::Receiver<StartOutcome>)>> {
         let key = std::fs::canonicalize(&db.path).unwrap_or_else(|_| absolute(&db.path));
         if self.known.contains(&key) || !self.fds.admit(&db.path) {
-            // Refused for want of descriptors: tried again at the next scan.
+            // Refused for want of descriptors (reported by the budget).
             return Ok(Vec::new());
         }
         self.known.insert(key);
@@ -285,9 +291,13 @@ impl Daemon {
     /// Picks up databases that appeared in `dir:` entries since the last call.
     pub async fn rescan(&mut self) {
         for d in self.settings.dirs.clone() {
-            match scan(&d) {
+            let seen = std::mem::take(&mut self.scanned);
+            let found = scan_new(&d, &|p: &Path| seen.contains(p));
+            self.scanned = seen;
+            match found {
                 Ok(dbs) => {
                     for db in dbs {
+                        self.scanned.insert(db.path.clone());
                         if let Err(e) = self.spawn_db(&db, false).await {
                             tracing::warn!(db = %db.path.display(), error = %e, "cannot start replicating");
                         }
@@ -549,6 +559,12 @@ fn absolute(p: &Path) -> PathBuf {
 /// with SQLite's header. WAL, shared-memory and journal files, and hidden
 /// files (walstream's own restore temporaries among them), are skipped.
 pub fn scan(d: &DirSettings) -> Result<Vec<DbSettings>> {
+    scan_new(d, &|_: &Path| false)
+}
+
+/// `scan`, leaving out the paths `seen` says were looked at before (a
+/// rescan must cost a directory listing, not a header read per database).
+fn scan_new(d: &DirSettings, seen: &dyn Fn(&Path) -> bool) -> Result<Vec<DbSettings>> {
     let mut found = Vec::new();
     let mut stack = vec![d.dir.clone()];
     while let Some(dir) = stack.pop() {
@@ -572,6 +588,7 @@ pub fn scan(d: &DirSettings) -> Result<Vec<DbSettings>> {
                     .iter()
                     .any(|s| name.ends_with(s))
                 || !d.pattern.matches(&name)
+                || seen(&path)
                 || !is_sqlite(&path)
             {
                 continue;

@@ -71,7 +71,7 @@ impl FdBudget {
                 limit = self.limit,
                 in_use = self.in_use(),
                 databases = self.databases,
-                "open file limit reached: {} of {} descriptors in use by {} databases; {} and any further databases are not replicated until the limit is raised (ulimit -n, or LimitNOFILE= for a systemd unit; each database needs {FDS_PER_DATABASE}, and {RESERVE} are kept spare)",
+                "open file limit reached: {} of {} descriptors in use by {} databases; {} and any further databases are not replicated until walstream runs with a higher limit (ulimit -n, or LimitNOFILE= for a systemd unit; each database needs {FDS_PER_DATABASE}, and {RESERVE} are kept spare)",
                 self.in_use(),
                 self.limit,
                 self.databases,

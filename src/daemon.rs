@@ -440,7 +440,7 @@ impl Daemon {
 
 /// Compaction (every `levels[0]`), retention (every retention-check-interval)
 /// and validation (every validation-interval) of one replica, off the
-/// replicator's thread so they never delay shipping. Each is crash-safe on
+/// worker so they never delay shipping. Each is crash-safe on
 /// its own (see `compact`, `retention`), so being cut off at shutdown is fine.
 async fn maintain(
     replica: Replica,

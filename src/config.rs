@@ -101,6 +101,10 @@ pub struct Config {
     /// last shipment may take before the process exits anyway (default 10s).
     #[serde(default, deserialize_with = "duration")]
     pub shutdown_timeout: Option<Duration>,
+    /// How often a running daemon logs a summary line per database that
+    /// shipped something (default 1m).
+    #[serde(default, deserialize_with = "duration")]
+    pub summary_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -186,6 +190,8 @@ pub struct Settings {
     pub ready_lag: Duration,
     /// How long the last shipment may take once a stop begins.
     pub shutdown_timeout: Duration,
+    /// See `report`.
+    pub summary_interval: Duration,
     /// Compaction levels' intervals, finest first.
     pub levels: Vec<Duration>,
 }
@@ -202,6 +208,7 @@ impl Settings {
             log_format: LogFormat::Text,
             ready_lag: defaults::READY_LAG,
             shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
+            summary_interval: defaults::SUMMARY_INTERVAL,
             levels: default_levels(),
         }
     }
@@ -273,6 +280,9 @@ impl DbSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaSettings {
     pub target: ReplicaTarget,
+    /// The replica's `name` in the config (Litestream's `-replica` picks a
+    /// replica by it); `None`: its type (`file` or `s3`) stands for it.
+    pub name: Option<String>,
     /// Minimum time between two uploads.
     pub sync_interval: Duration,
     /// Every point this far back stays restorable (default 24h).
@@ -288,6 +298,16 @@ pub struct ReplicaSettings {
 }
 
 impl ReplicaSettings {
+    /// The name that `-replica` matches: the configured name, else the
+    /// type, as in Litestream.
+    pub fn name(&self) -> &str {
+        match (&self.name, &self.target) {
+            (Some(n), _) => n,
+            (None, ReplicaTarget::File { .. }) => "file",
+            (None, ReplicaTarget::S3(_)) => "s3",
+        }
+    }
+
     /// Defaults per backend (see `defaults`).
     pub fn new(target: ReplicaTarget) -> ReplicaSettings {
         let sync_interval = match &target {
@@ -296,6 +316,7 @@ impl ReplicaSettings {
         };
         ReplicaSettings {
             target,
+            name: None,
             sync_interval,
             retention: defaults::RETENTION,
             retention_check_interval: defaults::RETENTION_CHECK_INTERVAL,
@@ -306,17 +327,43 @@ impl ReplicaSettings {
     }
 }
 
-/// Expands `${VAR}` and `$VAR` like Go's os.ExpandEnv (unset is empty);
-/// `$$` is a literal `$`.
-pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+/// Expands `${VAR}` and `$VAR` as Litestream does (Go's os.ExpandEnv);
+/// `$$` is a literal `$`. Unlike Go, a variable that is not set is an
+/// error naming it and its line: expanded to nothing, it silently turned
+/// `/backups/$HOST/app` into `/backups//app`.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        expand_line(line, &lookup, &mut out).map_err(|var| {
+            format!(
+                "line {}: environment variable {var} is not set (set it, write $$ for a literal $, or pass -no-expand-env)",
+                n + 1
+            )
+        })?;
+    }
+    Ok(out)
+}
+
+/// Expands one line into `out`; `Err` names the first unset variable.
+fn expand_line(
+    text: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), String> {
     let mut chars = text.char_indices().peekable();
     let bytes = text.as_bytes();
+    // A YAML comment is not expanded.
+    let comment = text
+        .find(" #")
+        .map(|i| i + 1)
+        .or_else(|| text.trim_start().starts_with('#').then_some(0))
+        .unwrap_or(text.len());
     while let Some((i, c)) = chars.next() {
-        if c != '$' {
+        if c != '$' || i >= comment {
             out.push(c);
             continue;
         }
+        let get = |name: &str, shown: String| lookup(name).ok_or(shown);
         match bytes.get(i + 1) {
             Some(b'$') => {
                 chars.next();
@@ -325,7 +372,7 @@ pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String
             Some(b'{') => {
                 if let Some(end) = text[i + 2..].find('}') {
                     let name = &text[i + 2..i + 2 + end];
-                    out.push_str(&lookup(name).unwrap_or_default());
+                    out.push_str(&get(name, format!("${{{name}}}"))?);
                     while let Some(&(j, _)) = chars.peek() {
                         if j > i + 2 + end {
                             break;
@@ -341,7 +388,8 @@ pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String
                     .bytes()
                     .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
                     .count();
-                out.push_str(&lookup(&text[i + 1..i + 1 + len]).unwrap_or_default());
+                let name = &text[i + 1..i + 1 + len];
+                out.push_str(&get(name, format!("${name}"))?);
                 for _ in 0..len {
                     chars.next();
                 }
@@ -349,7 +397,7 @@ pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> String
             _ => out.push('$'),
         }
     }
-    out
+    Ok(())
 }
 
 /// serde_yaml reports unknown top-level keys without a line, and errors
@@ -405,13 +453,22 @@ fn locate(text: &str, message: &str) -> String {
 }
 
 impl Config {
-    /// Reads `path`, expands environment variables and parses it.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads `path`, expands environment variables (unless `expand` is
+    /// false: Litestream's `-no-expand-env`) and parses it.
+    pub fn load(path: &Path, expand: bool) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&expand_env(&text, |k| std::env::var(k).ok()), path)
+        let text = if expand {
+            expand_env(&text, |k| std::env::var(k).ok()).map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?
+        } else {
+            text
+        };
+        Config::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -424,11 +481,26 @@ impl Config {
         })
     }
 
-    /// Validates the configuration and fills in defaults.
+    /// Validates the configuration and fills in defaults. Relative paths
+    /// (databases, directories, directory replicas) are taken relative to
+    /// the directory of the config file at `path`, as a config file is
+    /// read from anywhere (a service's working directory is rarely the
+    /// config's).
     pub fn settings(&self, path: &Path) -> Result<Settings, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
+        };
+        let base = std::path::absolute(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_default();
+        let resolve = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
         };
         if self.dbs.is_empty() {
             return Err(invalid("no databases configured (dbs is empty)".into()));
@@ -438,8 +510,8 @@ impl Config {
         for (i, db) in self.dbs.iter().enumerate() {
             let at = format!("dbs[{i}]");
             let db_path = match (&db.path, &db.dir) {
-                (Some(p), None) => p.clone(),
-                (None, Some(d)) => d.clone(),
+                (Some(p), None) => resolve(p),
+                (None, Some(d)) => resolve(d),
                 (Some(_), Some(_)) => {
                     return Err(invalid(format!("{at}: give either path or dir, not both")))
                 }
@@ -489,10 +561,17 @@ impl Config {
             }
             for (j, r) in replicas.iter().enumerate() {
                 let rat = format!("{at}.replicas[{j}]");
-                let target = self
+                let target = match self
                     .replica_target(r)
-                    .map_err(|m| invalid(format!("{rat}: {m}")))?;
+                    .map_err(|m| invalid(format!("{rat}: {m}")))?
+                {
+                    ReplicaTarget::File { path } => ReplicaTarget::File {
+                        path: resolve(&path),
+                    },
+                    t => t,
+                };
                 let mut rs = ReplicaSettings::new(target);
+                rs.name = r.name.clone();
                 if let Some(v) = r.sync_interval {
                     rs.sync_interval = v;
                 }
@@ -578,10 +657,22 @@ impl Config {
             log_format,
             ready_lag: self.ready_lag.unwrap_or(defaults::READY_LAG),
             shutdown_timeout: self.shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
+            summary_interval: self
+                .summary_interval
+                .filter(|d| !d.is_zero())
+                .unwrap_or(defaults::SUMMARY_INTERVAL),
         })
     }
 
     fn replica_target(&self, r: &ReplicaConfig) -> Result<ReplicaTarget, String> {
+        // Ignoring these would store in the clear what the user asked to
+        // have encrypted.
+        if r.age.is_some() {
+            return Err("age encryption is not supported: walstream would store this replica unencrypted (remove `age:`, or keep Litestream for it)".into());
+        }
+        if r.sse_c_key.is_some() {
+            return Err("sse-c-key (customer-provided keys) is not supported: walstream would store this replica without it (remove it, or use sse: aws:kms)".into());
+        }
         let mut target = match (&r.url, r.r#type.as_deref()) {
             (Some(url), _) => ReplicaTarget::parse_url(url)?,
             (None, None | Some("file")) => {
@@ -594,7 +685,11 @@ impl Config {
                 r.bucket.as_deref().ok_or("s3 replica needs a bucket")?,
                 r.path.as_deref().unwrap_or_default(),
             ))),
-            (None, Some(other)) => return Err(format!("unsupported replica type {other:?}")),
+            (None, Some(other)) => {
+                return Err(format!(
+                    "unsupported replica type {other:?} (supported: file, s3)"
+                ))
+            }
         };
         if let ReplicaTarget::S3(s) = &mut target {
             if r.endpoint.is_some() {
@@ -741,8 +836,37 @@ mod tests {
             "B_2" => Some("y".to_string()),
             _ => None,
         };
-        assert_eq!(expand_env("${A}/$B_2/$UNSET/$$/${NOPE}z", env), "x/y//$/z");
-        assert_eq!(expand_env("cost: 5$", env), "cost: 5$");
+        assert_eq!(expand_env("${A}/$B_2/$$/z", env).unwrap(), "x/y/$/z");
+        assert_eq!(expand_env("cost: 5$", env).unwrap(), "cost: 5$");
+        // Comments are not expanded.
+        assert_eq!(
+            expand_env("# $NOPE\na: 1 # ${NOPE}\n", env).unwrap(),
+            "# $NOPE\na: 1 # ${NOPE}\n"
+        );
+        let e = expand_env("a: 1\npath: /backups/$HOSTX/app\n", env).unwrap_err();
+        assert!(
+            e.starts_with("line 2: environment variable $HOSTX is not set"),
+            "{e}"
+        );
+        let e = expand_env("bucket: ${BUCKET}", env).unwrap_err();
+        assert!(e.contains("${BUCKET}"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let p = Path::new("/etc/walstream/app.yml");
+        let text = "dbs:\n  - path: data/app.db\n    replicas:\n      - path: ../backups/app\n      - url: s3://b/app\n  - dir: tenants\n    replica:\n      path: /abs/rep\n";
+        let s = Config::parse(text, p).unwrap().settings(p).unwrap();
+        assert_eq!(s.dbs[0].path, Path::new("/etc/walstream/data/app.db"));
+        assert_eq!(
+            s.dbs[0].replicas[0].target.to_string(),
+            "file:///etc/walstream/../backups/app"
+        );
+        assert_eq!(s.dirs[0].dir, Path::new("/etc/walstream/tenants"));
+        assert_eq!(
+            s.dirs[0].template.replicas[0].target.to_string(),
+            "file:///abs/rep"
+        );
     }
 
     #[test]
@@ -821,7 +945,7 @@ mod tests {
     #[test]
     fn example_config_parses() {
         let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/walstream.yml"));
-        let c = Config::load(p).unwrap();
+        let c = Config::load(p, true).unwrap();
         c.settings(p).unwrap();
     }
 }

@@ -72,6 +72,9 @@ pub fn shipper_options(db: &DbSettings, replica: &ReplicaSettings) -> ShipperOpt
 /// How long past the shutdown deadline the daemon waits for a worker whose
 /// storage call was just cut at the deadline to say so, before it reports
 /// the worker as still busy.
+/// How often a database that does not exist yet is announced again.
+const WAITING_ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
+
 const REPORT_GRACE: Duration = Duration::from_millis(200);
 
 struct Worker {
@@ -106,6 +109,8 @@ pub struct Daemon {
     /// Paths `dir:` scans found (started, or refused for want of
     /// descriptors): later scans do not open them again.
     scanned: HashSet<PathBuf>,
+    /// The periodic log lines (see `report`), ended with the daemon.
+    reporter: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -138,12 +143,17 @@ impl Daemon {
             stop: Shutdown::new(),
             fds: FdBudget::raised(),
             scanned: HashSet::new(),
+            reporter: None,
         })
     }
 
     /// Starts every configured pair; fails (and stops what started) if any
     /// cannot start.
     pub async fn start(&mut self) -> Result<()> {
+        self.reporter = Some(tokio::spawn(crate::report::run(
+            self.metrics.clone(),
+            self.settings.summary_interval,
+        )));
         let mut dbs = self.settings.dbs.clone();
         for d in &self.settings.dirs {
             if !d.dir.is_dir() {
@@ -715,17 +725,23 @@ impl Job {
     /// Waits until the database exists. Returns `false` if the stop came
     /// first (then nothing is committed, and nothing is to ship).
     async fn wait_for_database(&self, control: &mut UnboundedReceiver<Control>) -> bool {
-        let mut waited = false;
+        let mut announced: Option<Instant> = None;
+        let since = Instant::now();
         loop {
             if self.opts.db.exists() || self.stop.requested() {
                 return !self.stop.requested() || self.opts.db.exists();
             }
-            if !waited {
-                tracing::info!(db = %self.opts.db.display(), "waiting for database to be created");
+            // Said again every minute: a mistyped path must not look like
+            // a quiet application forever.
+            if announced.is_none_or(|t| t.elapsed() >= WAITING_ANNOUNCE_EVERY) {
+                let db =
+                    std::path::absolute(&self.opts.db).unwrap_or_else(|_| self.opts.db.clone());
+                let waited = since.elapsed().as_secs();
+                tracing::info!(db = %db.display(), waited_s = waited, "waiting for database to be created");
                 for (_, status, _, _) in &self.replicas {
                     status.set_state(State::Waiting);
                 }
-                waited = true;
+                announced = Some(Instant::now());
             }
             let poll = self.opts.monitor_interval.min(Duration::from_secs(1));
             match tokio::time::timeout(poll, control.recv()).await {
@@ -784,5 +800,13 @@ impl Job {
         r.run(control, self.wake.clone(), &self.watcher, &self.stop)
             .await
             .map_err(|e| (None, e))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(r) = self.reporter.take() {
+            r.abort();
+        }
     }
 }

@@ -41,3 +41,7 @@ pub const READY_LAG: Duration = Duration::from_secs(10);
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Compaction levels, finest first.
 pub const LEVELS: [Duration; 2] = [Duration::from_secs(300), Duration::from_secs(3600)];
+
+/// How often a running daemon logs one line per database that shipped
+/// something (`summary-interval`).
+pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);

@@ -35,6 +35,7 @@ pub mod generation;
 pub mod metrics;
 pub mod replica;
 pub mod replicate;
+pub mod report;
 pub mod restore;
 pub mod retention;
 pub mod segment;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use chrono::{DateTime, Utc};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use walstream::config::{LogFormat, Settings};
 
@@ -32,6 +32,9 @@ struct Cli {
     /// `WALSTREAM_DRY_RUN=1`).
     #[arg(long, global = true)]
     dry_run: bool,
+    /// Read config files as they are, without expanding $VAR and ${VAR}.
+    #[arg(long, global = true)]
+    no_expand_env: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +43,9 @@ struct Cli {
 enum Command {
     /// Replicate databases continuously until interrupted.
     Replicate {
+        /// Config file (default: $WALSTREAM_CONFIG, $LITESTREAM_CONFIG,
+        /// /etc/walstream.yml, /etc/litestream.yml, the first that is set or
+        /// exists), unless a database and replica are given instead.
         #[arg(long)]
         config: Option<PathBuf>,
         /// Database to replicate (instead of --config).
@@ -62,9 +68,10 @@ enum Command {
     Restore {
         #[command(flatten)]
         target: Target,
-        /// Where to write the restored database.
+        /// Where to write the restored database (default, for a database
+        /// from the config: its own path, which must not exist).
         #[arg(short = 'o', long = "output")]
-        output: PathBuf,
+        output: Option<PathBuf>,
         /// Restore this generation instead of the newest.
         #[arg(long)]
         generation: Option<String>,
@@ -77,6 +84,23 @@ enum Command {
         /// Do nothing (exit 0) if the replica holds nothing to restore.
         #[arg(long)]
         if_replica_exists: bool,
+        /// Parallel downloads (default: the replica's concurrency, else 8
+        /// for S3 and 4 for a directory).
+        #[arg(long)]
+        parallelism: Option<usize>,
+    },
+    /// List the databases in the config and their replicas.
+    Databases {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Ask the running daemon (at the config's `addr`) what it is doing.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The daemon's address (default: `addr` in the config).
+        #[arg(long)]
+        addr: Option<String>,
     },
     /// List generations in a replica.
     Generations {
@@ -90,8 +114,8 @@ enum Command {
         #[arg(long)]
         generation: Option<String>,
     },
-    /// List segments in a replica.
-    #[command(alias = "wal")]
+    /// List segments in a replica (`wal` and `ltx` are Litestream's names).
+    #[command(visible_aliases = ["wal", "ltx"])]
     Segments {
         #[command(flatten)]
         target: Target,
@@ -121,7 +145,11 @@ fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, String> {
 
 fn main() -> ExitCode {
     walstream::db::configure_sqlite();
-    let cli = Cli::parse();
+    let flags = cli::args::long_flags(&Cli::command());
+    let cli = Cli::parse_from(cli::args::normalize(std::env::args_os().collect(), &flags));
+    if cli.no_expand_env {
+        cli::target::EXPAND_ENV.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
     // The config is read before logging starts so that its `logging:`
     // section applies; its errors are printed like any other.
     let settings = match &cli.command {
@@ -236,6 +264,7 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
             timestamp,
             if_db_not_exists,
             if_replica_exists,
+            parallelism,
         } => {
             let args = cli::restore::Restore {
                 target,
@@ -244,10 +273,13 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
                 timestamp,
                 if_db_not_exists,
                 if_replica_exists,
+                parallelism,
             };
             cli::restore::run(args, dry_run).await
         }
         Command::Verify { target } => cli::verify::run(target).await,
+        Command::Databases { config } => cli::databases::run(config),
+        Command::Status { config, addr } => cli::status::run(config, addr).await,
         Command::Generations { target } => cli::list::generations(target).await,
         Command::Snapshots { target, generation } => cli::list::snapshots(target, generation).await,
         Command::Segments { target, generation } => cli::list::segments(target, generation).await,

@@ -290,6 +290,46 @@ impl Metrics {
         out
     }
 
+    /// Every registered replica, in registration order.
+    pub fn replicas(&self) -> Vec<Arc<ReplicaStatus>> {
+        self.replicas.lock().unwrap().clone()
+    }
+
+    /// A table of every replica (database, replica, state, generation,
+    /// position, segments and bytes shipped, errors, lag): what `walstream
+    /// status` prints.
+    pub fn status_text(&self) -> String {
+        let now = Utc::now().timestamp_millis();
+        let mut out = format!(
+            "{:<40} {:<40} {:<11} {:<22} {:>9} {:>8} {:>12} {:>6} {:>8}\n",
+            "database",
+            "replica",
+            "state",
+            "generation",
+            "position",
+            "segments",
+            "bytes",
+            "errors",
+            "lag"
+        );
+        for r in self.replicas() {
+            let s = r.summary(now);
+            out.push_str(&format!(
+                "{:<40} {:<40} {:<11} {:<22} {:>9} {:>8} {:>12} {:>6} {:>7.1}s\n",
+                r.db,
+                r.replica,
+                s.state.as_str(),
+                s.generation.as_deref().unwrap_or("-"),
+                s.position.map_or("-".into(), |p| p.to_string()),
+                s.segments,
+                s.bytes,
+                s.errors,
+                s.lag.as_secs_f64()
+            ));
+        }
+        out
+    }
+
     /// `Ok` when every replica is ready; otherwise one line per replica that
     /// is not, saying why.
     pub fn readiness(&self) -> Result<(), Vec<String>> {
@@ -309,7 +349,47 @@ impl Metrics {
     }
 }
 
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Waiting => "waiting",
+            State::Replicating => "replicating",
+            State::Failing => "failing",
+            State::Idle => "idle",
+        }
+    }
+}
+
+/// A replica's running totals, for `walstream status` and the daemon's
+/// periodic summary line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub state: State,
+    pub generation: Option<String>,
+    pub position: Option<u64>,
+    pub segments: u64,
+    pub snapshots: u64,
+    pub bytes: u64,
+    pub errors: u64,
+    pub lag: Duration,
+}
+
 impl ReplicaStatus {
+    pub fn summary(&self, now_ms: i64) -> Summary {
+        let shipped = self.shipped();
+        Summary {
+            state: self.state(),
+            position: shipped.as_ref().map(|s| s.1),
+            generation: shipped.map(|s| s.0),
+            segments: self.segments.get(),
+            snapshots: self.snapshots.get(),
+            bytes: self.shipped_bytes.get(),
+            errors: self.errors.get(),
+            lag: self.lag_at(now_ms),
+        }
+    }
+
     /// A status that belongs to no registry (library use and tests).
     pub fn detached(db: &str, replica: &str) -> Arc<ReplicaStatus> {
         Metrics::new().replica(db, replica, Duration::from_secs(10))
@@ -423,7 +503,7 @@ impl ReplicaStatus {
         }
     }
 
-    fn not_ready(&self, now_ms: i64) -> Option<String> {
+    pub fn not_ready(&self, now_ms: i64) -> Option<String> {
         let who = format!("{} -> {}", self.db, self.replica);
         match self.state() {
             State::Waiting | State::Idle => None,

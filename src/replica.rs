@@ -24,6 +24,15 @@ pub struct GenerationListing {
     pub compacted: Vec<Compacted>,
 }
 
+/// The end of a generation (see `Replica::generation_end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationEnd {
+    /// Index of the last segment covered.
+    pub index: u64,
+    pub position: u64,
+    pub timestamp_ms: i64,
+}
+
 /// A merged object as listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Compacted {
@@ -168,6 +177,29 @@ impl Replica {
             h.generation == generation && h.index == index && h.level == 0
         })
         .await
+    }
+
+    /// Where a generation ends: the position after, and the time of, its
+    /// newest object, whether a segment as shipped or a merged object that
+    /// replaced it (compaction deletes merged segments, so the plain
+    /// segments alone understate the end). `None` for a generation with
+    /// snapshots only (it ends at its latest snapshot).
+    pub async fn generation_end(&self, g: &GenerationListing) -> Result<Option<GenerationEnd>> {
+        let last_segment = g.segments.last().map(|s| s.0);
+        let last_merged = g.compacted.iter().max_by_key(|c| (c.last, c.level));
+        let header = match (last_segment, last_merged) {
+            (None, None) => return Ok(None),
+            (Some(i), m) if m.is_none_or(|c| i > c.last) => {
+                self.get_segment(&g.id, i).await?.header
+            }
+            (_, Some(c)) => self.get_compacted(&g.id, c).await?.header,
+            (Some(_), None) => unreachable!("handled by the arm above"),
+        };
+        Ok(Some(GenerationEnd {
+            index: header.last_index(),
+            position: header.last_position,
+            timestamp_ms: header.timestamp_ms,
+        }))
     }
 
     /// Uploads a merged object (its header says level and range).

@@ -321,7 +321,8 @@ impl Replicator {
     /// Whether nothing happened since the round that recorded `quiet` began:
     /// the database and WAL files look the same, no replica holds, retries or
     /// restarts anything, and nothing of the source's is pending (its WAL
-    /// is empty, or a round ran within the checkpoint interval).
+    /// is empty, or a round ran within the checkpoint interval, and no
+    /// TRUNCATE is owed).
     fn quiet_since(&self, quiet: &Quiet) -> bool {
         let Some(at) = quiet.at else {
             return false;
@@ -336,6 +337,7 @@ impl Replicator {
                 .all(|s| s.wants_round_in(now).is_none())
             && (self.source.wal_len() == 0
                 || at.elapsed() < self.source.options().checkpoint_interval)
+            && !self.source.truncate_owed()
     }
 
     /// Whether some replica spaces its uploads by a sync-interval.

@@ -125,6 +125,9 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
 
     let gens = replica.generations().await?;
     let target_ms = opts.timestamp.map(|t| t.timestamp_millis());
+    if let (Some(t), None) = (target_ms, &opts.generation) {
+        check_in_history(replica, &gens, t).await?;
+    }
     let Some((gen, snap)) = choose(&gens, opts.generation.as_deref(), target_ms, replica)? else {
         if opts.if_replica_exists && opts.generation.is_none() {
             return Ok(RestoreOutcome::NothingToRestore);
@@ -648,6 +651,59 @@ fn plan(
         }
     }
     Ok(steps)
+}
+
+/// The span a replica can restore: from its oldest snapshot to the newest
+/// object of its newest generation (ms since the epoch). `None`: nothing
+/// to restore.
+pub async fn history(replica: &Replica, gens: &[GenerationListing]) -> Result<Option<(i64, i64)>> {
+    let with_snapshots = || gens.iter().filter(|g| !g.snapshots.is_empty());
+    let Some(first) = with_snapshots()
+        .filter_map(|g| g.snapshots.first())
+        .map(|s| s.1)
+        .min()
+    else {
+        return Ok(None);
+    };
+    let newest = with_snapshots().next_back().expect("one has snapshots");
+    let mut last = newest.snapshots.last().map_or(first, |s| s.1);
+    if let Some(end) = replica.generation_end(newest).await? {
+        last = last.max(end.timestamp_ms);
+    }
+    Ok(Some((first, last)))
+}
+
+/// A point in time before the replica's history is an error that gives
+/// the restorable span; one after its newest point restores the latest
+/// state (nothing was shipped after it, so the database presumably stood
+/// there still) and says so.
+async fn check_in_history(replica: &Replica, gens: &[GenerationListing], t: i64) -> Result<()> {
+    let Some((first, last)) = history(replica, gens).await? else {
+        return Ok(());
+    };
+    let fmt = |ms: i64| {
+        DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_else(|| ms.to_string())
+    };
+    if t < first {
+        return Err(Error::Invalid(format!(
+            "replica {} holds nothing as old as {}: it can restore from {} to {}",
+            replica.location(),
+            fmt(t),
+            fmt(first),
+            fmt(last)
+        )));
+    }
+    if t > last {
+        tracing::warn!(
+            requested = %fmt(t),
+            newest = %fmt(last),
+            oldest = %fmt(first),
+            "the requested time is after the newest point in the replica: restoring that newest point (the latest state shipped)"
+        );
+    }
+    Ok(())
 }
 
 /// Picks the generation and the snapshot (index, timestamp) to start from.

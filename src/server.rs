@@ -83,6 +83,7 @@ fn respond(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             metrics.render(),
         ),
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
+        "/status" => text(StatusCode::OK, PLAIN, metrics.status_text()),
         "/readyz" => match metrics.readiness() {
             Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
             Err(faults) => text(

@@ -535,6 +535,14 @@ impl Source {
         Ok(!r.busy && r.log_frames >= 0 && r.log_frames == r.checkpointed)
     }
 
+    /// Whether the WAL file has grown past `max-checkpoint-page-count`, so a
+    /// TRUNCATE is owed: rounds must go on (the checkpointer needs one to
+    /// see the WAL fully copied and another to truncate it) even when
+    /// nothing is written.
+    pub fn truncate_owed(&self) -> bool {
+        self.wal_frames().1 >= self.opts.max_checkpoint_page_count
+    }
+
     /// Frames read from the current WAL, and the WAL file's size in frames.
     fn wal_frames(&self) -> (u64, u64) {
         let read = self.cursor.map_or(0, |c| c.frame_index());

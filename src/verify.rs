@@ -287,9 +287,9 @@ fn compare_live(db: &Path, restored: &Path, restored_wal: Option<WalPoint>) -> R
         let same_position = live_point == restored_wal;
         let not_comparable = || {
             Compared::NotComparable(format!(
-                "the live database (WAL offset {:?}) differs from the replica (WAL offset {:?}): not caught up, content not compared",
-                live_point.map(|p| p.offset),
-                restored_wal.map(|p| p.offset)
+                "the live database (WAL {}) is not at the replica's position (WAL {}): not caught up, content not compared",
+                wal_at(live_point.map(|p| p.offset)),
+                wal_at(restored_wal.map(|p| p.offset))
             ))
         };
         let plan = db::image_plan(&live, page_size, live_end.as_ref())?;
@@ -358,5 +358,13 @@ impl Write for Comparer {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A WAL position for people: an offset, or that there was no WAL.
+fn wal_at(offset: Option<u64>) -> String {
+    match offset {
+        Some(o) => format!("offset {o}"),
+        None => "empty".into(),
     }
 }

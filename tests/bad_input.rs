@@ -228,6 +228,8 @@ fn existing_output_and_empty_replica() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&db).unwrap(), before);
 
+    // A replica directory that does not exist says so; an empty one has no
+    // generations.
     let empty = dir.path().join("empty-replica");
     let out = dir.path().join("out.db");
     let o = walstream(&[
@@ -236,7 +238,16 @@ fn existing_output_and_empty_replica() {
         out.to_str().unwrap(),
         empty.to_str().unwrap(),
     ]);
+    assert_fails(&o, &["does not exist", "empty-replica"]);
+    std::fs::create_dir(&empty).unwrap();
+    let o = walstream(&[
+        "restore",
+        "-o",
+        out.to_str().unwrap(),
+        empty.to_str().unwrap(),
+    ]);
     assert_fails(&o, &["no generations", "empty-replica"]);
+    std::fs::remove_dir(&empty).unwrap();
     let o = walstream(&[
         "restore",
         "--if-replica-exists",

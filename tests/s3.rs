@@ -157,6 +157,10 @@ async fn s3_conforms_to_the_storage_contract() {
 /// idempotent deletes and multipart upload (`put_file` of 12 MB) as a second
 /// implementation understands them.
 #[tokio::test(flavor = "multi_thread")]
+#[cfg_attr(
+    not(moto),
+    ignore = "skipped: needs moto's S3 server, set WALSTREAM_MOTO_SERVER (.ci/run installs it)"
+)]
 async fn moto_conforms_to_the_storage_contract() {
     let Some(server) = tokio::task::spawn_blocking(|| MotoServer::start(&[BUCKET]))
         .await
@@ -190,6 +194,10 @@ fn replicate_and_restore_through_s3() {
 }
 
 #[test]
+#[cfg_attr(
+    not(moto),
+    ignore = "skipped: needs moto's S3 server, set WALSTREAM_MOTO_SERVER (.ci/run installs it)"
+)]
 fn replicate_and_restore_through_moto() {
     if let Some(server) = MotoServer::start(&[BUCKET]) {
         replicate_and_restore_through(server.addr);

@@ -10,15 +10,24 @@ use walstream::generation;
 use walstream::replica::Replica;
 
 use super::out::outln;
-use super::target::{resolve_target, Target};
+use super::target::{check_exists, resolve_target, Resolved, Target};
+
+/// The replica a listing reads, which must exist.
+async fn replica_of(target: &Target) -> Result<Replica> {
+    let Resolved {
+        replica, target, ..
+    } = resolve_target(target).await?;
+    check_exists(&target)?;
+    Ok(replica)
+}
 
 pub async fn generations(target: Target) -> Result<ExitCode> {
-    let (replica, _, _) = resolve_target(&target).await?;
+    let replica = replica_of(&target).await?;
     list_generations(&replica).await
 }
 
 pub async fn snapshots(target: Target, generation: Option<String>) -> Result<ExitCode> {
-    let (replica, _, _) = resolve_target(&target).await?;
+    let replica = replica_of(&target).await?;
     outln!(
         "{:<22} {:>8} {:>12} {:<25}",
         "generation",
@@ -37,15 +46,44 @@ pub async fn snapshots(target: Target, generation: Option<String>) -> Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// Segments as shipped and, where compaction merged them, the merged
+/// objects that now hold them (level 1 and up), in index order.
 pub async fn segments(target: Target, generation: Option<String>) -> Result<ExitCode> {
-    let (replica, _, _) = resolve_target(&target).await?;
-    outln!("{:<22} {:>8} {:>12}", "generation", "index", "size");
+    let replica = replica_of(&target).await?;
+    outln!(
+        "{:<22} {:>8} {:>8} {:>6} {:>12} {:<25}",
+        "generation",
+        "index",
+        "last",
+        "level",
+        "size",
+        "created"
+    );
     for g in replica.generations().await? {
         if generation.as_ref().is_some_and(|id| *id != g.id) {
             continue;
         }
-        for (index, size) in &g.segments {
-            outln!("{:<22} {:>8} {:>12}", g.id, index, size);
+        let mut rows: Vec<(u64, u64, u8, u64, String)> = g
+            .segments
+            .iter()
+            .map(|&(index, size)| (index, index, 0, size, String::new()))
+            .collect();
+        rows.extend(
+            g.compacted
+                .iter()
+                .map(|c| (c.first, c.last, c.level, c.size, fmt_ms(c.timestamp_ms))),
+        );
+        rows.sort_by_key(|r| (r.0, std::cmp::Reverse(r.2)));
+        for (first, last, level, size, created) in rows {
+            outln!(
+                "{:<22} {:>8} {:>8} {:>6} {:>12} {:<25}",
+                g.id,
+                first,
+                last,
+                level,
+                size,
+                created
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -59,12 +97,13 @@ pub fn fmt_ms(ms: i64) -> String {
 
 async fn list_generations(replica: &Replica) -> Result<ExitCode> {
     outln!(
-        "{:<22} {:>10} {:>10} {:>9} {:>9}  {:<25} {:<25}",
+        "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25}",
         "generation",
         "first_pos",
         "last_pos",
         "snapshots",
         "segments",
+        "compacted",
         "start",
         "end"
     );
@@ -72,23 +111,25 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
         let start = generation::id_time(&g.id)
             .map(|t| t.timestamp_millis())
             .unwrap_or(0);
-        let (first, mut last, mut end) = (0u64, 0u64, g.snapshots.first().map_or(start, |s| s.1));
-        if let Some(&(index, _)) = g.segments.last() {
-            match replica.get_segment(&g.id, index).await {
-                Ok(seg) => {
-                    last = seg.header.last_position;
-                    end = seg.header.timestamp_ms;
-                }
-                Err(e) => tracing::warn!(error = %e, "cannot read last segment"),
+        let (first, mut last, mut end) = (0u64, 0u64, g.snapshots.last().map_or(start, |s| s.1));
+        match replica.generation_end(&g).await {
+            Ok(Some(e)) => {
+                last = e.position;
+                end = end.max(e.timestamp_ms);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(generation = %g.id, error = %e, "cannot read the generation's newest object")
             }
         }
         outln!(
-            "{:<22} {:>10} {:>10} {:>9} {:>9}  {:<25} {:<25}",
+            "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25}",
             g.id,
             first,
             last,
             g.snapshots.len(),
             g.segments.len(),
+            g.compacted.len(),
             fmt_ms(start),
             fmt_ms(end)
         );

@@ -14,7 +14,7 @@ use walstream::metrics::Metrics;
 use walstream::server;
 
 use super::out::outln;
-use super::target::load_settings;
+use super::target::{config_path, load_settings, DEFAULT_CONFIGS};
 
 /// Prints what `replicate` would do with `settings`, touching nothing.
 pub fn dry_run(settings: &Settings) -> ExitCode {
@@ -52,9 +52,13 @@ pub fn replicate_settings(
     let mut settings = match (config, db) {
         (Some(cfg), None) => load_settings(cfg),
         (Some(_), Some(_)) => bail!("give either --config or a database and replica, not both"),
-        (None, None) => {
-            bail!("nothing to replicate: give --config FILE or a database path and a replica URL")
-        }
+        (None, None) => match config_path(None, &DEFAULT_CONFIGS) {
+            Some((cfg, _)) => load_settings(&cfg),
+            None => bail!(
+                "nothing to replicate: give --config FILE (or set WALSTREAM_CONFIG or LITESTREAM_CONFIG, or create {}), or a database path and a replica URL",
+                DEFAULT_CONFIGS.join(" or ")
+            ),
+        },
         (None, Some(db)) => {
             if replicas.is_empty() {
                 bail!(
@@ -62,15 +66,23 @@ pub fn replicate_settings(
                     db.display()
                 );
             }
+            // Absolute from here on: logs, metrics and a dry run name the
+            // files walstream really uses.
+            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
             let targets = replicas
                 .iter()
                 .map(|r| {
-                    ReplicaTarget::parse_url(r)
-                        .map(ReplicaSettings::new)
+                    let t = match ReplicaTarget::parse_url(r) {
+                        Ok(ReplicaTarget::File { path }) => {
+                            Ok(ReplicaTarget::File { path: abs(&path) })
+                        }
+                        other => other,
+                    };
+                    t.map(ReplicaSettings::new)
                         .map_err(|e| anyhow!("replica {r}: {e}"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Settings::single(DbSettings::with_defaults(db, targets)))
+            Ok(Settings::single(DbSettings::with_defaults(abs(&db), targets)))
         }
     }?;
     if let Some(exec) = exec {

@@ -6,18 +6,22 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use chrono::{DateTime, Utc};
 
 use walstream::restore::{self, RestoreOptions, RestoreOutcome};
 
 use super::out::outln;
-use super::target::{resolve_target, Target};
+use super::target::{check_exists, resolve_target, Target};
 
 /// The restore command's arguments.
 pub struct Restore {
     pub target: Target,
-    pub output: PathBuf,
+    /// `None`: in place, to the database's own path (a database from the
+    /// config only), as Litestream does.
+    pub output: Option<PathBuf>,
+    /// Parallel downloads (Litestream's `-parallelism`).
+    pub parallelism: Option<usize>,
     pub generation: Option<String>,
     pub timestamp: Option<DateTime<Utc>>,
     pub if_db_not_exists: bool,
@@ -32,8 +36,21 @@ pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
         timestamp,
         if_db_not_exists,
         if_replica_exists,
+        parallelism,
     } = args;
-    let (replica, concurrency, _) = resolve_target(&target).await?;
+    let resolved = resolve_target(&target).await?;
+    let output = match (output, &resolved.db) {
+        (Some(o), _) => o,
+        (None, Some(db)) => db.clone(),
+        (None, None) => bail!(
+            "no output path: give -o FILE (restoring in place, without -o, needs a database from the config, and {} is a replica)",
+            target.target
+        ),
+    };
+    let (replica, concurrency) = (
+        resolved.replica,
+        parallelism.unwrap_or(resolved.concurrency).max(1),
+    );
     keep_freed_memory();
     if dry_run {
         outln!(
@@ -43,6 +60,13 @@ pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
             output.display()
         );
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Err(e) = check_exists(&resolved.target) {
+        if if_replica_exists {
+            tracing::info!(replica = %resolved.target, "replica does not exist, nothing restored");
+            return Ok(ExitCode::SUCCESS);
+        }
+        return Err(e);
     }
     let progress: Option<Arc<dyn restore::Progress>> =
         std::io::IsTerminal::is_terminal(&std::io::stderr())

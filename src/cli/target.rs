@@ -3,20 +3,51 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 
-use walstream::config::{Config, ReplicaTarget, Settings};
+use walstream::config::{Config, DbSettings, ReplicaTarget, Settings};
 use walstream::replica::Replica;
 use walstream::storage;
 
 #[derive(Args)]
 pub struct Target {
-    /// Config file; the positional argument may then name a database in it.
+    /// Config file; the positional argument may then name a database in it
+    /// (default: $WALSTREAM_CONFIG, $LITESTREAM_CONFIG, /etc/walstream.yml,
+    /// /etc/litestream.yml, the first that is set or exists).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Replica URL or directory, or (with --config) a database path.
+    /// With a database from the config: its replica with this name (or
+    /// type, `file` or `s3`) instead of the first.
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// Replica URL or directory, or a database path from the config.
     pub target: String,
+}
+
+/// Where a config file comes from when `--config` is not given, in order:
+/// the first variable that is set, else the first file that exists.
+pub const CONFIG_VARS: [&str; 2] = ["WALSTREAM_CONFIG", "LITESTREAM_CONFIG"];
+pub const DEFAULT_CONFIGS: [&str; 2] = ["/etc/walstream.yml", "/etc/litestream.yml"];
+
+/// The config file to use: `explicit`, else the first of `CONFIG_VARS`
+/// that is set, else the first of `defaults` that exists. The flag says
+/// whether the user named it (explicit or by variable): a file merely
+/// found at a default path is only used when it helps.
+pub fn config_path(explicit: Option<&Path>, defaults: &[&str]) -> Option<(PathBuf, bool)> {
+    if let Some(p) = explicit {
+        return Some((p.to_path_buf(), true));
+    }
+    for var in CONFIG_VARS {
+        if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            return Some((PathBuf::from(v), true));
+        }
+    }
+    defaults
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .map(|p| (p, false))
 }
 
 /// Opens the storage behind a replica target.
@@ -32,51 +63,133 @@ pub fn restore_concurrency(target: &ReplicaTarget) -> usize {
     }
 }
 
+/// Whether environment variables in config files are expanded (Litestream's
+/// `-no-expand-env` turns it off), set once from the command line.
+pub static EXPAND_ENV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 pub fn load_settings(path: &Path) -> Result<Settings> {
-    let config = Config::load(path)?;
+    let config = Config::load(path, EXPAND_ENV.load(std::sync::atomic::Ordering::Relaxed))?;
     Ok(config.settings(path)?)
 }
 
-/// Resolves the positional argument of restore/list/verify commands to a
-/// replica (the database's first one when it names a database in the
-/// config, including one under a `dir:` entry) and, then, the database.
-pub async fn resolve_target(t: &Target) -> Result<(Replica, usize, Option<PathBuf>)> {
-    if let Some(cfg) = &t.config {
-        let settings = load_settings(cfg)?;
-        let wanted = absolute(Path::new(&t.target));
-        let db = settings
-            .dbs
-            .iter()
-            .find(|d| absolute(&d.path) == wanted)
-            .cloned()
-            .or_else(|| {
-                settings.dirs.iter().find_map(|d| {
-                    let dir = absolute(&d.dir);
-                    wanted.strip_prefix(&dir).ok()?;
-                    let mut s = d.for_db(&dir.join(wanted.strip_prefix(&dir).ok()?))?;
-                    s.path = PathBuf::from(&t.target);
-                    Some(s)
-                })
-            });
-        if let Some(db) = db {
-            let first = db.replicas.first().ok_or_else(|| {
-                anyhow!("database {} has no replica in {}", t.target, cfg.display())
-            })?;
-            let first = &first.target;
-            return Ok((
-                open_replica(first).await?,
-                restore_concurrency(first),
-                Some(db.path.clone()),
-            ));
+/// A positional target, resolved.
+pub struct Resolved {
+    pub replica: Replica,
+    pub target: ReplicaTarget,
+    pub concurrency: usize,
+    /// The database, when the target named one in the config.
+    pub db: Option<PathBuf>,
+}
+
+/// The database `target` names in `settings` (also under a `dir:` entry).
+pub fn find_db(settings: &Settings, target: &str) -> Option<DbSettings> {
+    let wanted = absolute(Path::new(target));
+    settings
+        .dbs
+        .iter()
+        .find(|d| absolute(&d.path) == wanted)
+        .cloned()
+        .or_else(|| {
+            settings.dirs.iter().find_map(|d| {
+                let dir = absolute(&d.dir);
+                let rel = wanted.strip_prefix(&dir).ok()?;
+                if !d.pattern.matches_path(Path::new(rel.file_name()?)) {
+                    return None;
+                }
+                d.for_db(&dir.join(rel))
+            })
+        })
+}
+
+/// Resolves the positional argument of restore/list/verify commands: a
+/// replica URL (anything with `://`), a database from the config (its
+/// first replica, or the one `--replica` names), or a replica directory.
+/// With a config the user named, a path that is not one of its databases
+/// is an error rather than a guess.
+pub async fn resolve_target(t: &Target) -> Result<Resolved> {
+    let is_url = t.target.contains("://");
+    let config = if is_url {
+        None
+    } else {
+        config_path(t.config.as_deref(), &DEFAULT_CONFIGS)
+    };
+    if let Some((cfg, named)) = config {
+        let settings = load_settings(&cfg)?;
+        match find_db(&settings, &t.target) {
+            Some(db) => {
+                let replica = match &t.replica {
+                    None => db.replicas.first(),
+                    Some(name) => db.replicas.iter().find(|r| r.name() == name),
+                };
+                let Some(replica) = replica else {
+                    let names: Vec<&str> = db.replicas.iter().map(|r| r.name()).collect();
+                    bail!(
+                        "database {} has no replica named {:?} in {} (its replicas: {})",
+                        t.target,
+                        t.replica.as_deref().unwrap_or_default(),
+                        cfg.display(),
+                        names.join(", ")
+                    );
+                };
+                let target = replica.target.clone();
+                return Ok(Resolved {
+                    replica: open_replica(&target).await?,
+                    concurrency: restore_concurrency(&target),
+                    target,
+                    db: Some(db.path.clone()),
+                });
+            }
+            None if named && !Path::new(&t.target).is_dir() => {
+                let mut known: Vec<String> = settings
+                    .dbs
+                    .iter()
+                    .map(|d| d.path.display().to_string())
+                    .collect();
+                known.extend(
+                    settings
+                        .dirs
+                        .iter()
+                        .map(|d| format!("{}/{}", d.dir.display(), d.pattern)),
+                );
+                bail!(
+                    "{} is not a database in {} (its databases: {}); to read a replica directory give it as file://{}",
+                    t.target,
+                    cfg.display(),
+                    known.join(", "),
+                    absolute(Path::new(&t.target)).display()
+                );
+            }
+            None => {}
         }
+    }
+    if t.replica.is_some() {
+        bail!(
+            "--replica picks one of a configured database's replicas; {} is not a database in a config file",
+            t.target
+        );
     }
     let target =
         ReplicaTarget::parse_url(&t.target).map_err(|e| anyhow!("replica {}: {e}", t.target))?;
-    Ok((
-        open_replica(&target).await?,
-        restore_concurrency(&target),
-        None,
-    ))
+    Ok(Resolved {
+        replica: open_replica(&target).await?,
+        concurrency: restore_concurrency(&target),
+        target,
+        db: None,
+    })
+}
+
+/// An error unless a directory replica's directory exists: an empty
+/// listing or "no generations" would hide a mistyped path.
+pub fn check_exists(target: &ReplicaTarget) -> Result<()> {
+    if let ReplicaTarget::File { path } = target {
+        if !path.exists() {
+            bail!(
+                "replica {target} does not exist (no directory {})",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn absolute(p: &Path) -> PathBuf {

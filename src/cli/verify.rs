@@ -7,10 +7,12 @@ use anyhow::{Context, Result};
 
 use super::list::fmt_ms;
 use super::out::outln;
-use super::target::{resolve_target, Target};
+use super::target::{check_exists, resolve_target, Target};
 
 pub async fn run(target: Target) -> Result<ExitCode> {
-    let (replica, _, db) = resolve_target(&target).await?;
+    let resolved = resolve_target(&target).await?;
+    check_exists(&resolved.target)?;
+    let (replica, db) = (resolved.replica, resolved.db);
     let tmp = tempfile::tempdir().context("create a temporary directory")?;
     let report = walstream::verify::verify(&replica, db.as_deref(), tmp.path()).await?;
     for f in &report.faults {

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
@@ -91,6 +91,27 @@ pub struct S3Storage {
     sse_kms_key_id: Option<String>,
     storage_class: Option<StorageClass>,
     counts: Arc<RequestCounts>,
+    /// Where requests go, for error messages: the endpoint URL, or AWS S3
+    /// with its region.
+    endpoint: String,
+}
+
+/// Where walstream looks for S3 credentials, in order (for the error that
+/// says none were found).
+pub const CREDENTIAL_SOURCES: &str = "the config (access-key-id and secret-access-key, on the replica or at the top level), LITESTREAM_ACCESS_KEY_ID and LITESTREAM_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the AWS profile (AWS_PROFILE, ~/.aws/credentials and ~/.aws/config), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), container credentials and instance metadata";
+
+/// Static credentials from the config, else from Litestream's variables
+/// (`LITESTREAM_ACCESS_KEY_ID`, `LITESTREAM_SECRET_ACCESS_KEY`), which
+/// Litestream reads before the AWS chain; `None`: the AWS chain.
+fn static_credentials(target: &S3Target) -> Option<(String, String)> {
+    if let (Some(ak), Some(sk)) = (&target.access_key_id, &target.secret_access_key) {
+        return Some((ak.clone(), sk.clone()));
+    }
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    Some((
+        var("LITESTREAM_ACCESS_KEY_ID")?,
+        var("LITESTREAM_SECRET_ACCESS_KEY")?,
+    ))
 }
 
 impl std::fmt::Debug for S3Storage {
@@ -112,10 +133,10 @@ impl S3Storage {
             ))
             .build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
-        if let (Some(ak), Some(sk)) = (&target.access_key_id, &target.secret_access_key) {
+        if let Some((ak, sk)) = static_credentials(target) {
             loader = loader.credentials_provider(Credentials::new(
-                ak.clone(),
-                sk.clone(),
+                ak,
+                sk,
                 None,
                 None,
                 "walstream-config",
@@ -144,6 +165,13 @@ impl S3Storage {
         if sdk.region().is_none() {
             b = b.region(Region::new("us-east-1"));
         }
+        let endpoint = match &target.endpoint {
+            Some(ep) => ep.clone(),
+            None => format!(
+                "AWS S3 ({})",
+                sdk.region().map_or("us-east-1", |r| r.as_ref())
+            ),
+        };
         if let Some(ep) = &target.endpoint {
             b = b.endpoint_url(ep.clone());
         }
@@ -162,6 +190,7 @@ impl S3Storage {
             sse_kms_key_id: target.sse_kms_key_id.clone(),
             storage_class: target.storage_class.as_deref().map(StorageClass::from),
             counts: Arc::new(RequestCounts::default()),
+            endpoint,
         }
     }
 
@@ -169,7 +198,7 @@ impl S3Storage {
         self.counts.clone()
     }
 
-    fn get_err<R: std::fmt::Debug + HasStatus>(
+    fn get_err<R: std::fmt::Debug + HasStatus + 'static>(
         &self,
         key: &str,
         e: SdkError<aws_sdk_s3::operation::get_object::GetObjectError, R>,
@@ -207,16 +236,9 @@ impl S3Storage {
     fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
+        R: std::fmt::Debug + 'static,
     {
-        let message = match e.as_service_error() {
-            Some(se) => format!(
-                "{}: {}",
-                se.code().unwrap_or("error"),
-                se.message().unwrap_or("request failed")
-            ),
-            None => DisplayErrorContext(&e).to_string(),
-        };
+        let message = describe(&e, &self.endpoint);
         StorageError::Backend {
             op,
             location: self.location.clone(),
@@ -474,5 +496,56 @@ impl Storage for S3Storage {
                 Err(e) => return Err(io(e)),
             }
         }
+    }
+}
+
+/// One line for a failed request: the service's code and message, with a
+/// hint for the usual mistakes; or, when no answer came, what went wrong on
+/// the way (no credentials, the endpoint unreachable, a timeout) without
+/// the SDK's debug structure.
+fn describe<E, R>(e: &SdkError<E, R>, endpoint: &str) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    if let Some(se) = e.as_service_error() {
+        let code = se.code().unwrap_or("error");
+        let hint = match code {
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+                " (check access-key-id and secret-access-key, or the AWS_* variables)"
+            }
+            "AccessDenied" => " (the credentials lack permission for this bucket or prefix)",
+            "NoSuchBucket" => " (create the bucket, or check the bucket name and endpoint)",
+            _ => "",
+        };
+        return format!("{code}: {}{hint}", se.message().unwrap_or("request failed"));
+    }
+    // The innermost causes say what happened; the outer ones only wrap.
+    let mut causes = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        causes.push(c.to_string());
+        cur = c.source();
+    }
+    let all = causes.join(": ").to_lowercase();
+    if all.contains("credential") || all.contains("imds") || all.contains("identity") {
+        return format!("no S3 credentials found; walstream looked in {CREDENTIAL_SOURCES}: set access-key-id and secret-access-key in the config, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY");
+    }
+    let root = causes
+        .iter()
+        .rev()
+        .find(|c| !c.is_empty() && !c.contains("dispatch failure") && !c.contains("io error"))
+        .cloned()
+        .unwrap_or_default();
+    match e {
+        SdkError::TimeoutError(_) => format!("timed out talking to {endpoint}"),
+        SdkError::DispatchFailure(d) if d.is_timeout() => {
+            format!("timed out talking to {endpoint}: {root}")
+        }
+        SdkError::DispatchFailure(_) => {
+            format!("cannot reach {endpoint}: {root} (check the endpoint and the network)")
+        }
+        SdkError::ResponseError(_) => format!("unreadable response from {endpoint}: {root}"),
+        _ => format!("request to {endpoint} failed: {root}"),
     }
 }

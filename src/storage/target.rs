@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use crate::units::parse_duration;
 
+/// The replica URL schemes walstream reads (for error messages).
+pub const SUPPORTED_SCHEMES: &str = "file://, s3://";
+
 /// Where a replica lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaTarget {
@@ -133,7 +136,24 @@ impl ReplicaTarget {
             return Ok(ReplicaTarget::S3(Box::new(t)));
         }
         if let Some((scheme, _)) = s.split_once("://") {
-            return Err(format!("unsupported replica scheme {scheme:?}"));
+            return Err(format!(
+                "unsupported replica scheme {scheme}:// (supported: {SUPPORTED_SCHEMES})"
+            ));
+        }
+        // `s3:/bucket`, `file:/dir`: a URL with a slash missing, not a
+        // directory named `s3:`.
+        if let Some((scheme, rest)) = s.split_once(':') {
+            let looks_like_scheme = !scheme.is_empty()
+                && scheme.len() < 10
+                && scheme.bytes().all(|b| b.is_ascii_alphanumeric())
+                && !scheme.contains('/')
+                && (rest.is_empty() || rest.starts_with('/'));
+            if looks_like_scheme {
+                let path = rest.trim_start_matches('/');
+                return Err(format!(
+                    "{s:?} is not a valid replica URL: write {scheme}://{path} (supported: {SUPPORTED_SCHEMES}, or a plain directory path)"
+                ));
+            }
         }
         if s.is_empty() {
             return Err("empty replica path".into());

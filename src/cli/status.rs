@@ -1,0 +1,66 @@
+//! `walstream status`: what a running daemon is doing, asked over its HTTP
+//! endpoint (`addr` in the config), one line per database and replica.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+use super::out::outln;
+use super::target::{config_path, load_settings, DEFAULT_CONFIGS};
+
+pub async fn run(config: Option<PathBuf>, addr: Option<String>) -> Result<ExitCode> {
+    let addr = match addr {
+        Some(a) => a,
+        None => {
+            let (cfg, _) = config_path(config.as_deref(), &DEFAULT_CONFIGS).ok_or_else(|| {
+                anyhow!("no daemon to ask: status reads a running `walstream replicate` over HTTP; give --addr HOST:PORT, or --config FILE with `addr:` set")
+            })?;
+            let settings = load_settings(&cfg)?;
+            settings.addr.ok_or_else(|| {
+                anyhow!(
+                    "{} has no `addr:`: status reads a running daemon over HTTP; add `addr: 127.0.0.1:9090` and (re)start `walstream replicate --config {}`",
+                    cfg.display(),
+                    cfg.display()
+                )
+            })?
+        }
+    };
+    let mut sock = walstream::server::parse_addr(&addr)?;
+    if sock.ip().is_unspecified() {
+        sock.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let stream = tokio::net::TcpStream::connect(sock).await.map_err(|e| {
+        anyhow!("no walstream daemon answers on {sock} ({e}); start one with `walstream replicate --config FILE` (with `addr: {addr}`)")
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("HTTP to {sock}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/status")
+        .header("host", sock.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let res = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("GET http://{sock}/status"))?;
+    if !res.status().is_success() {
+        bail!(
+            "http://{sock}/status answered {} (is it a walstream daemon of this version?)",
+            res.status()
+        );
+    }
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("GET http://{sock}/status"))?
+        .to_bytes();
+    for line in String::from_utf8_lossy(&body).lines() {
+        outln!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

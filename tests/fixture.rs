@@ -98,6 +98,33 @@ fn committed_compacted_fixture_still_restores() {
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
 }
 
+/// After compaction the listings show the merged object (with its level
+/// and range) and the position the generation really ends at, the same as
+/// before compaction and as a restore reaches (issue 18: they showed
+/// `last_pos 0` and no segments).
+#[test]
+fn listings_show_merged_objects_and_the_true_end() {
+    let last_pos = |replica: &Path| -> String {
+        let o = walstream(&["generations", replica.to_str().unwrap()]);
+        assert!(o.status.success());
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let row = text.lines().nth(1).expect("one generation").to_string();
+        row.split_whitespace().nth(2).unwrap().to_string()
+    };
+    assert_eq!(last_pos(&compacted_fixture()), last_pos(&fixture()));
+    assert_eq!(last_pos(&compacted_fixture()), "42");
+    let o = walstream(&["segments", compacted_fixture().to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 1, "{text}");
+    // generation, first index, last index, level
+    assert_eq!(&rows[0][1..4], ["0", "21", "2"], "{text}");
+}
+
 /// Rewrites the compacted fixture from `replica-v1`:
 /// `cargo test --test fixture -- --ignored`.
 #[test]

@@ -496,3 +496,38 @@ fn s3_credentials_from_litestream_variables_and_a_clear_error_without_any() {
     fails(&o, &[&format!("127.0.0.1:{port}"), "cannot reach"]);
     assert!(!err(&o).contains("ConnectorError"), "{}", err(&o));
 }
+
+/// A database that does not exist (a typo) is announced with its absolute
+/// path (and again every minute while walstream waits).
+#[test]
+fn a_missing_database_is_announced_with_its_absolute_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut child = Command::new(bin())
+        .current_dir(d)
+        .args(["replicate", "typo.db", "replica"])
+        .env("RUST_LOG", "walstream=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_timeout(&mut child, Duration::from_secs(15));
+    let mut log = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(status.success(), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("waiting for database to be created"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(&d.join("typo.db").display().to_string()),
+        "{line}"
+    );
+}

@@ -101,6 +101,8 @@ enum Command {
         /// The daemon's address (default: `addr` in the config).
         #[arg(long)]
         addr: Option<String>,
+        /// Only this database's lines.
+        db: Option<PathBuf>,
     },
     /// List generations in a replica.
     Generations {
@@ -279,7 +281,7 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
         }
         Command::Verify { target } => cli::verify::run(target).await,
         Command::Databases { config } => cli::databases::run(config),
-        Command::Status { config, addr } => cli::status::run(config, addr).await,
+        Command::Status { config, addr, db } => cli::status::run(config, addr, db).await,
         Command::Generations { target } => cli::list::generations(target).await,
         Command::Snapshots { target, generation } => cli::list::snapshots(target, generation).await,
         Command::Segments { target, generation } => cli::list::segments(target, generation).await,

@@ -407,6 +407,12 @@ fn status_reads_the_running_daemon() {
         "{text}"
     );
     assert!(text.lines().next().unwrap().contains("state"), "{text}");
+    // Litestream's form with a database: only its lines.
+    let o = run_in(d, &["status", "-config", "s.yml", "app.db"], &[]);
+    ok(&o);
+    assert_eq!(out(&o).lines().count(), 2, "{}", out(&o));
+    let o = run_in(d, &["status", "-config", "s.yml", "other.db"], &[]);
+    fails(&o, &["other.db"]);
     // A commit, then the summary line a person sees at info level.
     let st = Command::new("python3")
         .current_dir(d)

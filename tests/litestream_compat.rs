@@ -713,3 +713,51 @@ fn the_same_config_file_works_with_litestream() {
     integrity_ok(&d.join("app.db"));
     assert_eq!(dump(&d.join("app.db")), source);
 }
+
+/// `-timestamp` after the newest point restores that point and says so,
+/// with the range; `verify` of a database that moved on since says where
+/// each stands in words, not debug values.
+#[test]
+fn timestamp_after_the_history_and_verify_of_a_moved_database_say_where_things_stand() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    let o = run_in(
+        d,
+        &["replicate", "-config", "litestream.yml", "-exec", "true"],
+        &[],
+    );
+    ok(&o);
+    let o = run_in(
+        d,
+        &[
+            "restore",
+            "-config",
+            "litestream.yml",
+            "-o",
+            "late.db",
+            "-timestamp",
+            "2100-01-01T00:00:00Z",
+            "app.db",
+        ],
+        &[],
+    );
+    ok(&o);
+    let e = err(&o);
+    assert!(e.contains("after the newest point"), "{e}");
+    assert!(e.contains("oldest=") && e.contains("newest="), "{e}");
+    assert_eq!(dump(&d.join("late.db")), dump(&d.join("app.db")));
+    // The application writes after walstream stopped (and exits without
+    // closing, so its commit stays in the WAL): verify cannot compare.
+    let st = Command::new("python3")
+        .current_dir(d)
+        .args(["-c", "import sqlite3, os; c=sqlite3.connect('app.db'); c.execute(\"INSERT INTO t(v) VALUES ('later')\"); c.commit(); os._exit(0)"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = run_in(d, &["verify", "-config", "litestream.yml", "app.db"], &[]);
+    let text = out(&o);
+    assert!(!o.status.success(), "{text}");
+    assert!(text.contains("not caught up"), "{text}");
+    assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
+}

@@ -210,3 +210,28 @@ pub fn absolute(p: &Path) -> PathBuf {
         _ => p.to_path_buf(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_path_prefers_the_flag_then_the_first_default_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("walstream.yml");
+        let present = dir.path().join("litestream.yml");
+        std::fs::write(&present, "dbs: []\n").unwrap();
+        let defaults = [missing.to_str().unwrap(), present.to_str().unwrap()];
+        let flag = Path::new("/x/c.yml");
+        assert_eq!(
+            config_path(Some(flag), &defaults),
+            Some((flag.to_path_buf(), true))
+        );
+        // The variables come before the defaults; only checked where the
+        // caller's environment sets neither.
+        if CONFIG_VARS.iter().all(|v| std::env::var_os(v).is_none()) {
+            assert_eq!(config_path(None, &defaults), Some((present.clone(), false)));
+            assert_eq!(config_path(None, &defaults[..1]), None);
+        }
+    }
+}

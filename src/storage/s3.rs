@@ -98,16 +98,19 @@ pub struct S3Storage {
 
 /// Where walstream looks for S3 credentials, in order (for the error that
 /// says none were found).
-pub const CREDENTIAL_SOURCES: &str = "the config (access-key-id and secret-access-key, on the replica or at the top level), LITESTREAM_ACCESS_KEY_ID and LITESTREAM_SECRET_ACCESS_KEY, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the AWS profile (AWS_PROFILE, ~/.aws/credentials and ~/.aws/config), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), container credentials and instance metadata";
+pub const CREDENTIAL_SOURCES: &str = "the config (access-key-id and secret-access-key, on the replica or at the top level), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, LITESTREAM_ACCESS_KEY_ID and LITESTREAM_SECRET_ACCESS_KEY, the AWS profile (AWS_PROFILE, ~/.aws/credentials and ~/.aws/config), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), container credentials and instance metadata";
 
-/// Static credentials from the config, else from Litestream's variables
-/// (`LITESTREAM_ACCESS_KEY_ID`, `LITESTREAM_SECRET_ACCESS_KEY`), which
-/// Litestream reads before the AWS chain; `None`: the AWS chain.
+/// Static credentials from the config, else, as Litestream does, from
+/// `LITESTREAM_ACCESS_KEY_ID` and `LITESTREAM_SECRET_ACCESS_KEY` when
+/// `AWS_ACCESS_KEY_ID` is not set; `None`: the AWS chain.
 fn static_credentials(target: &S3Target) -> Option<(String, String)> {
     if let (Some(ak), Some(sk)) = (&target.access_key_id, &target.secret_access_key) {
         return Some((ak.clone(), sk.clone()));
     }
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if var("AWS_ACCESS_KEY_ID").is_some() {
+        return None;
+    }
     Some((
         var("LITESTREAM_ACCESS_KEY_ID")?,
         var("LITESTREAM_SECRET_ACCESS_KEY")?,

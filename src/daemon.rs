@@ -805,49 +805,37 @@ impl Job {
                 }
             }
         }
-        if let Some((shippers, closed)) = self.closed.take() {
-            let (opts, rt) = (self.opts.clone(), self.rt.clone());
-            let reopened = blocking(move || {
-                let (source, continues) = Source::reopen(opts, &closed)?;
-                let mut r = Replicator::new(source, shippers, rt);
-                r.reopened(continues).map(|()| r).map_err(|e| e.error)
-            })
-            .await
-            .map_err(|e| (None, e))?
-            .map_err(|e| (None, e))?;
-            for s in reopened.shippers() {
-                s.status().set_state(State::Replicating);
-            }
-            return reopened
-                .run(
-                    control,
-                    self.wake.clone(),
-                    &self.watcher,
-                    &self.stop,
-                    &self.budget,
-                )
+        let (opts, rt) = (self.opts.clone(), self.rt.clone());
+        let started = match self.closed.take() {
+            // Closed while idle: the replicas go on from their state.
+            Some((shippers, closed)) => {
+                blocking(move || {
+                    let (source, continues) = Source::reopen(opts, &closed)?;
+                    let mut r = Replicator::new(source, shippers, rt);
+                    r.reopened(continues).map(|()| r)
+                })
                 .await
-                .map_err(|e| (None, e));
+            }
+            None => {
+                let shippers: Vec<Shipper> = self
+                    .replicas
+                    .iter()
+                    .map(|(replica, status, opts, _)| {
+                        let mut s = Shipper::new(replica.clone(), status.clone(), opts.clone());
+                        if let Some(reason) = &self.force_new {
+                            s.force_new_generation(reason.clone());
+                        }
+                        s
+                    })
+                    .collect();
+                blocking(move || {
+                    let source = Source::open(opts)?;
+                    let mut r = Replicator::new(source, shippers, rt);
+                    r.start().map(|()| r)
+                })
+                .await
+            }
         }
-        let shippers: Vec<Shipper> = self
-            .replicas
-            .iter()
-            .map(|(replica, status, opts, _)| {
-                let mut s = Shipper::new(replica.clone(), status.clone(), opts.clone());
-                if let Some(reason) = &self.force_new {
-                    s.force_new_generation(reason.clone());
-                }
-                s
-            })
-            .collect();
-        let opts = self.opts.clone();
-        let rt = self.rt.clone();
-        let started = blocking(move || {
-            let source = Source::open(opts)?;
-            let mut r = Replicator::new(source, shippers, rt);
-            r.start().map(|()| r)
-        })
-        .await
         .map_err(|e| (None, e))?;
         let r = started.map_err(|StartError { replica, error }| {
             let who = replica.map(|i| format!("{} -> {}", self.db, self.replicas[i].3));

@@ -114,8 +114,18 @@ impl Replicator {
     pub fn reopened(&mut self, continues: bool) -> std::result::Result<(), StartError> {
         if continues {
             self.caught_up();
-            return Ok(());
+        } else {
+            self.begin_after_change()?;
         }
+        for s in &self.shippers {
+            s.status().set_state(State::Replicating);
+        }
+        Ok(())
+    }
+
+    /// New generations for every replica of a reopened database that does
+    /// not continue.
+    fn begin_after_change(&mut self) -> std::result::Result<(), StartError> {
         for s in &mut self.shippers {
             s.force_new_generation(
                 "the database changed while walstream had it closed (checkpointed unseen)".into(),
@@ -123,16 +133,7 @@ impl Replicator {
         }
         self.source.start_at_end()?;
         self.caught_up();
-        let failures = match self.prepare_generations(true)? {
-            Some(g) => self.rt.clone().block_on(self.begin_generations(g)),
-            None => Vec::new(),
-        };
-        if let Some((i, error)) = failures.into_iter().next() {
-            return Err(StartError {
-                replica: Some(i),
-                error,
-            });
-        }
+        self.begin_new_generations()?;
         Ok(())
     }
 
@@ -189,20 +190,28 @@ impl Replicator {
             let gap = self.source.read_range(from, to)?;
             self.shippers[i].resume(state, gap);
         }
-        let failures = match self.prepare_generations(true)? {
-            Some(g) => self.rt.clone().block_on(self.begin_generations(g)),
-            None => Vec::new(),
-        };
-        if let Some((i, error)) = failures.into_iter().next() {
-            return Err(StartError {
-                replica: Some(i),
-                error,
-            });
-        }
+        self.begin_new_generations()?;
         for s in &self.shippers {
             s.status().set_state(State::Replicating);
         }
         Ok(())
+    }
+
+    /// Starts a generation for every replica that has none (at start-up,
+    /// or when a reopened database does not continue): the first replica
+    /// that cannot start fails the whole start.
+    fn begin_new_generations(&mut self) -> std::result::Result<(), StartError> {
+        let failures = match self.prepare_generations(true)? {
+            Some(g) => self.rt.clone().block_on(self.begin_generations(g)),
+            None => Vec::new(),
+        };
+        match failures.into_iter().next() {
+            Some((i, error)) => Err(StartError {
+                replica: Some(i),
+                error,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Runs until a stop: `stop` has begun (a sticky state, checked before

@@ -509,19 +509,9 @@ impl Source {
             // then nothing is rewound.)
             return self.move_lock(sink);
         }
-        let gate = &self.conns[1 - self.active];
-        gate.busy_timeout(GATE_WAIT).db_ctx(&self.db)?;
-        let began = gate.execute_batch("BEGIN IMMEDIATE");
-        gate.busy_timeout(self.opts.busy_timeout).db_ctx(&self.db)?;
-        if let Err(e) = began {
-            if matches!(
-                e.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            ) {
-                tracing::debug!(db = %self.db.display(), "write lock busy, rewind later");
-                return Ok(());
-            }
-            return Err(e).db_ctx(&self.db);
+        if !self.take_gate()? {
+            tracing::debug!(db = %self.db.display(), "write lock busy, rewind later");
+            return Ok(());
         }
         let result = self.under_gate(sink);
         let _ = self.conns[1 - self.active].execute_batch("ROLLBACK");
@@ -532,6 +522,29 @@ impl Source {
         self.checkpoints.push("gated");
         tracing::debug!(db = %self.db.display(), rewound, "checkpoint under the write lock");
         Ok(())
+    }
+
+    /// Takes the write lock on the idle connection, waiting at most
+    /// `GATE_WAIT` (so walstream never queues behind a long transaction,
+    /// and nothing queues behind it for long). `false`: the application
+    /// holds it.
+    fn take_gate(&self) -> Result<bool> {
+        let gate = &self.conns[1 - self.active];
+        gate.busy_timeout(GATE_WAIT).db_ctx(&self.db)?;
+        let began = gate.execute_batch("BEGIN IMMEDIATE");
+        gate.busy_timeout(self.opts.busy_timeout).db_ctx(&self.db)?;
+        match began {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).db_ctx(&self.db),
+        }
     }
 
     /// The part of `gated_rewind` done while holding the write lock. Returns
@@ -579,18 +592,8 @@ impl Source {
     /// which the caller checked), is hashed. The caller then drops the
     /// source: its connections close without checkpointing.
     pub fn close_idle(&mut self, sink: Sink) -> Result<Option<Closed>> {
-        let gate = &self.conns[1 - self.active];
-        gate.busy_timeout(GATE_WAIT).db_ctx(&self.db)?;
-        let began = gate.execute_batch("BEGIN IMMEDIATE");
-        gate.busy_timeout(self.opts.busy_timeout).db_ctx(&self.db)?;
-        if let Err(e) = began {
-            if matches!(
-                e.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            ) {
-                return Ok(None);
-            }
-            return Err(e).db_ctx(&self.db);
+        if !self.take_gate()? {
+            return Ok(None);
         }
         let mut handed = false;
         let mut track = |b: Arc<Batch>| {

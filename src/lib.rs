@@ -30,6 +30,7 @@ pub mod defaults;
 pub mod error;
 pub mod exec;
 pub mod fdlimit;
+pub mod follow;
 pub mod format;
 pub mod generation;
 pub mod metrics;

@@ -88,6 +88,22 @@ enum Command {
         /// for S3 and 4 for a directory).
         #[arg(long)]
         parallelism: Option<usize>,
+        /// After restoring, keep applying what the primary ships until
+        /// SIGTERM or SIGINT: a read replica any SQLite client may read.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// With --follow: how often storage is asked for the next segment
+        /// (default 1s; a directory replica is also watched for changes).
+        #[arg(long, value_parser = parse_duration_arg, requires = "follow")]
+        follow_interval: Option<Duration>,
+        /// With --follow: serve /metrics and /readyz here (default: `addr`
+        /// of the config the database came from).
+        #[arg(long, requires = "follow")]
+        addr: Option<String>,
+        /// With --follow: /readyz is ready while the follower caught up
+        /// with the replica within this long (default 10s).
+        #[arg(long, value_parser = parse_duration_arg, requires = "follow")]
+        ready_lag: Option<Duration>,
     },
     /// List the databases in the config and their replicas.
     Databases {
@@ -267,6 +283,10 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
             if_db_not_exists,
             if_replica_exists,
             parallelism,
+            follow,
+            follow_interval,
+            addr,
+            ready_lag,
         } => {
             let args = cli::restore::Restore {
                 target,
@@ -276,6 +296,11 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
                 if_db_not_exists,
                 if_replica_exists,
                 parallelism,
+                follow: follow.then(|| cli::restore::Follow {
+                    interval: follow_interval,
+                    addr,
+                    ready_lag,
+                }),
             };
             cli::restore::run(args, dry_run).await
         }

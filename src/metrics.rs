@@ -60,6 +60,12 @@ pub struct Metrics {
     validation_ok: Family<ReplicaLabels, Gauge>,
     validation_time: Family<ReplicaLabels, FloatGauge>,
     replicas: Mutex<Vec<Arc<ReplicaStatus>>>,
+    follow_position: Family<ReplicaLabels, Gauge>,
+    follow_lag: Family<ReplicaLabels, FloatGauge>,
+    follow_applied: Family<ReplicaLabels, Counter>,
+    follow_errors: Family<ReplicaLabels, Counter>,
+    follow_switches: Family<ReplicaLabels, Counter>,
+    followers: Mutex<Vec<Arc<FollowStatus>>>,
 }
 
 /// Where a replicator stands, for readiness and the `up` gauge.
@@ -148,7 +154,39 @@ impl Metrics {
             validation_ok: Family::default(),
             validation_time: Family::default(),
             replicas: Mutex::default(),
+            follow_position: Family::default(),
+            follow_lag: Family::default(),
+            follow_applied: Family::default(),
+            follow_errors: Family::default(),
+            follow_switches: Family::default(),
+            followers: Mutex::default(),
         };
+        registry.register(
+            "follow_position",
+            "Position (WAL frames of the generation) a follower has applied",
+            m.follow_position.clone(),
+        );
+        registry.register_with_unit(
+            "follow_lag",
+            "Time since the newest transaction a follower has applied was committed on the primary",
+            Unit::Seconds,
+            m.follow_lag.clone(),
+        );
+        registry.register(
+            "follow_applied_objects",
+            "Segments, merged objects and snapshots a follower has applied",
+            m.follow_applied.clone(),
+        );
+        registry.register(
+            "follow_apply_errors",
+            "Failed follower polls or applies (retried)",
+            m.follow_errors.clone(),
+        );
+        registry.register(
+            "follow_generation_switches",
+            "Times a follower moved to a new generation of the primary",
+            m.follow_switches.clone(),
+        );
         registry.register(
             "compacted_objects",
             "Merged objects written by compaction",
@@ -278,11 +316,39 @@ impl Metrics {
         status
     }
 
+    /// Registers a follower of `replica` into the database at `db`;
+    /// `ready_lag` is how long after it last caught up it still counts as
+    /// ready.
+    pub fn follower(&self, db: &str, replica: &str, ready_lag: Duration) -> Arc<FollowStatus> {
+        let l = ReplicaLabels {
+            db: db.to_string(),
+            replica: replica.to_string(),
+        };
+        let status = Arc::new(FollowStatus {
+            db: db.to_string(),
+            replica: replica.to_string(),
+            ready_lag,
+            caught_up_at_ms: AtomicI64::new(0),
+            applied_ms: AtomicI64::new(0),
+            generation: Mutex::default(),
+            position: self.follow_position.get_or_create(&l).clone(),
+            lag: self.follow_lag.get_or_create(&l).clone(),
+            applied: self.follow_applied.get_or_create(&l).clone(),
+            errors: self.follow_errors.get_or_create(&l).clone(),
+            switches: self.follow_switches.get_or_create(&l).clone(),
+        });
+        self.followers.lock().unwrap().push(status.clone());
+        status
+    }
+
     /// The registry in Prometheus/OpenMetrics text format.
     pub fn render(&self) -> String {
         let now = Utc::now().timestamp_millis();
         for r in self.replicas.lock().unwrap().iter() {
             r.lag.set(r.lag_at(now).as_secs_f64());
+        }
+        for f in self.followers.lock().unwrap().iter() {
+            f.lag.set(f.lag_at(now).as_secs_f64());
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -340,6 +406,13 @@ impl Metrics {
             .unwrap()
             .iter()
             .filter_map(|r| r.not_ready(now))
+            .chain(
+                self.followers
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|f| f.not_ready(now)),
+            )
             .collect();
         if faults.is_empty() {
             Ok(())
@@ -525,6 +598,97 @@ impl ReplicaStatus {
                         } else {
                             ""
                         }
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// A follower's state (`restore --follow`), for `/metrics` and `/readyz`.
+pub struct FollowStatus {
+    pub db: String,
+    pub replica: String,
+    ready_lag: Duration,
+    /// When a poll last found nothing newer to apply (ms since the epoch; 0
+    /// = not yet): everything shipped before it is applied.
+    caught_up_at_ms: AtomicI64,
+    /// Commit time on the primary of the newest state applied.
+    applied_ms: AtomicI64,
+    generation: Mutex<Option<String>>,
+    position: Gauge,
+    lag: FloatGauge,
+    applied: Counter,
+    errors: Counter,
+    switches: Counter,
+}
+
+impl std::fmt::Debug for FollowStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowStatus")
+            .field("db", &self.db)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FollowStatus {
+    /// A status registered nowhere (tests, library use without metrics).
+    pub fn detached(db: &str, replica: &str) -> Arc<FollowStatus> {
+        Metrics::new().follower(db, replica, Duration::from_secs(10))
+    }
+
+    /// The state after applying an object: its generation, position and the
+    /// primary's commit time.
+    pub fn applied(&self, generation: &str, position: u64, timestamp_ms: i64) {
+        let mut g = self.generation.lock().unwrap();
+        if g.as_deref() != Some(generation) {
+            *g = Some(generation.to_string());
+        }
+        self.position.set(position as i64);
+        self.applied_ms.store(timestamp_ms, Ordering::Relaxed);
+        self.applied.inc();
+    }
+
+    pub fn switched(&self) {
+        self.switches.inc();
+    }
+
+    pub fn caught_up(&self, at_ms: i64) {
+        self.caught_up_at_ms.store(at_ms, Ordering::Relaxed);
+    }
+
+    pub fn error(&self) {
+        self.errors.inc();
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors.get()
+    }
+
+    pub fn generation(&self) -> Option<String> {
+        self.generation.lock().unwrap().clone()
+    }
+
+    /// Now minus the commit time of the newest transaction applied.
+    pub fn lag_at(&self, now_ms: i64) -> Duration {
+        match self.applied_ms.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            t => Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64),
+        }
+    }
+
+    pub fn not_ready(&self, now_ms: i64) -> Option<String> {
+        let who = format!("{} <- {}", self.db, self.replica);
+        match self.caught_up_at_ms.load(Ordering::Relaxed) {
+            0 => Some(format!("{who}: not caught up yet")),
+            t => {
+                let since = Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64);
+                (since > self.ready_lag).then(|| {
+                    format!(
+                        "{who}: last caught up {:.1}s ago (allowed {:.1}s)",
+                        since.as_secs_f64(),
+                        self.ready_lag.as_secs_f64()
                     )
                 })
             }

@@ -179,6 +179,21 @@ impl Replica {
         .await
     }
 
+    /// [`Replica::get_segment_body`], `None` while the segment does not exist
+    /// (yet): a follower asks for the next segment by its key instead of
+    /// listing the replica.
+    pub async fn next_segment_body(
+        &self,
+        generation: &str,
+        index: u64,
+    ) -> Result<Option<SegmentBody>> {
+        match self.get_segment_body(generation, index).await {
+            Ok(seg) => Ok(Some(seg)),
+            Err(Error::Missing { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Where a generation ends: the position after, and the time of, its
     /// newest object, whether a segment as shipped or a merged object that
     /// replaced it (compaction deletes merged segments, so the plain

@@ -60,6 +60,8 @@ pub enum RestoreOutcome {
         snapshot_index: u64,
         segments: u64,
         position: u64,
+        /// Index of the first segment not applied (what follows the state).
+        next_index: u64,
         db_pages: u32,
         /// Where in the source's WAL the restored state ends.
         wal: Option<crate::segment::WalPoint>,
@@ -221,6 +223,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
     let mut wal_point = header.wal;
     let mut restored_ms = header.timestamp_ms;
     let mut applied = 0u64;
+    let mut next_index = snap_index;
     // Download up to `concurrency` objects ahead; apply strictly in order.
     let mut pending = std::collections::VecDeque::new();
     let mut next_fetch = 0usize;
@@ -273,6 +276,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         position = seg.header.last_position;
         wal_point = Some(seg.header.wal);
         restored_ms = seg.header.timestamp_ms;
+        next_index = seg.header.last_index() + 1;
         progress(step.size);
         applied += 1;
         // Start writing back what is written so far, so that the final
@@ -327,6 +331,7 @@ pub async fn restore(replica: &Replica, opts: &RestoreOptions) -> Result<Restore
         snapshot_index: snap_index,
         segments: applied,
         position,
+        next_index,
         db_pages,
         wal: wal_point,
         timestamp_ms: restored_ms,
@@ -388,6 +393,20 @@ const SNAPSHOT_TEMP: &str = "snapshot";
 
 fn temp_prefix(name: &str, kind: &str) -> String {
     format!(".{name}.walstream-{kind}.")
+}
+
+/// Where this process downloads a snapshot meant for `output` (beside it,
+/// named so that a later restore removes it if this process dies first).
+pub(crate) fn snapshot_download_path(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    with_suffix(
+        &output.with_file_name(temp_prefix(&name, SNAPSHOT_TEMP)),
+        &std::process::id().to_string(),
+    )
 }
 
 /// Removes, from `dir`, the temporary files of earlier restores to the

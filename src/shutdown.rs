@@ -73,6 +73,16 @@ impl Shutdown {
         self.remaining().is_some_and(|r| r.is_zero())
     }
 
+    /// Resolves once a stop has begun.
+    pub async fn begun(&self) {
+        let mut rx = self.deadline.subscribe();
+        while rx.borrow_and_update().is_none() {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Resolves once a stop has begun and its deadline has passed.
     pub async fn expiry(&self) {
         let mut rx = self.deadline.subscribe();

@@ -6,8 +6,15 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
+use tokio::signal::unix::{signal, SignalKind};
+use walstream::config::ReplicaTarget;
+use walstream::follow::FollowOptions;
+use walstream::metrics::Metrics;
+use walstream::shutdown::Shutdown;
 
 use walstream::restore::{self, RestoreOptions, RestoreOutcome};
 
@@ -26,6 +33,15 @@ pub struct Restore {
     pub timestamp: Option<DateTime<Utc>>,
     pub if_db_not_exists: bool,
     pub if_replica_exists: bool,
+    /// `--follow` and its settings.
+    pub follow: Option<Follow>,
+}
+
+/// `restore --follow`: keep the restored copy up to date.
+pub struct Follow {
+    pub interval: Option<Duration>,
+    pub addr: Option<String>,
+    pub ready_lag: Option<Duration>,
 }
 
 pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
@@ -37,7 +53,11 @@ pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
         if_db_not_exists,
         if_replica_exists,
         parallelism,
+        follow,
     } = args;
+    if follow.is_some() && (generation.is_some() || timestamp.is_some()) {
+        bail!("--follow follows the primary's newest state; it cannot be combined with --generation or --timestamp");
+    }
     let resolved = resolve_target(&target).await?;
     let output = match (output, &resolved.db) {
         (Some(o), _) => o,
@@ -67,6 +87,17 @@ pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         return Err(e);
+    }
+    if let Some(f) = follow {
+        return run_follow(
+            replica,
+            resolved.target,
+            resolved.addr,
+            output,
+            concurrency,
+            f,
+        )
+        .await;
     }
     let progress: Option<Arc<dyn restore::Progress>> =
         std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -98,6 +129,56 @@ pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
             tracing::info!(output = %output.display(), %generation, snapshot_index, segments, position, db_pages, "restored");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Restores, then follows until SIGTERM or SIGINT.
+async fn run_follow(
+    replica: walstream::replica::Replica,
+    target: ReplicaTarget,
+    config_addr: Option<String>,
+    output: PathBuf,
+    concurrency: usize,
+    f: Follow,
+) -> Result<ExitCode> {
+    let stop = Shutdown::new();
+    for kind in [SignalKind::terminate(), SignalKind::interrupt()] {
+        let mut s = signal(kind).context("cannot install a signal handler")?;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            s.recv().await;
+            tracing::info!("signal received, stopping the follower");
+            stop.begin(Duration::ZERO);
+        });
+    }
+    let metrics = Arc::new(Metrics::new());
+    let status = metrics.follower(
+        &output.display().to_string(),
+        &target.to_string(),
+        f.ready_lag.unwrap_or(walstream::defaults::FOLLOW_READY_LAG),
+    );
+    if let Some(addr) = f.addr.or(config_addr) {
+        walstream::server::serve(&addr, metrics.clone()).await?;
+    }
+    let interval = f.interval.unwrap_or(walstream::defaults::FOLLOW_INTERVAL);
+    let watch = match &target {
+        ReplicaTarget::File { path } => Some(path.clone()),
+        ReplicaTarget::S3(_) => None,
+    };
+    let opts = FollowOptions {
+        output,
+        interval,
+        discover_interval: if watch.is_some() {
+            interval
+        } else {
+            interval * walstream::defaults::FOLLOW_DISCOVER_POLLS
+        },
+        watch,
+        concurrency,
+        status,
+        stop,
+    };
+    walstream::follow::follow(&replica, &opts).await?;
     Ok(ExitCode::SUCCESS)
 }
 

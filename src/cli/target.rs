@@ -79,6 +79,8 @@ pub struct Resolved {
     pub concurrency: usize,
     /// The database, when the target named one in the config.
     pub db: Option<PathBuf>,
+    /// The config's `addr`, when the target named a database in one.
+    pub addr: Option<String>,
 }
 
 /// The database `target` names in `settings` (also under a `dir:` entry).
@@ -137,6 +139,7 @@ pub async fn resolve_target(t: &Target) -> Result<Resolved> {
                     concurrency: restore_concurrency(&target),
                     target,
                     db: Some(db.path.clone()),
+                    addr: settings.addr.clone(),
                 });
             }
             None if named && !Path::new(&t.target).is_dir() => {
@@ -175,6 +178,7 @@ pub async fn resolve_target(t: &Target) -> Result<Resolved> {
         concurrency: restore_concurrency(&target),
         target,
         db: None,
+        addr: None,
     })
 }
 

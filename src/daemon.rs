@@ -780,6 +780,7 @@ impl Job {
         control: &mut UnboundedReceiver<Control>,
     ) -> std::result::Result<RunEnd, (Option<String>, Error)> {
         crate::db::check_directory(&self.opts.db).map_err(|e| (None, e))?;
+        crate::follow::check_not_followed(&self.opts.db).map_err(|e| (None, e))?;
         if !self.opts.db.exists() {
             // The application will create it; that counts as started.
             for (_, status, _, _) in &self.replicas {

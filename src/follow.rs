@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result, SqlContext};
-use crate::generation::layout;
+use crate::generation::{layout, Lineage};
 use crate::metrics::FollowStatus;
 use crate::replica::{Compacted, GenerationListing, Replica};
 use crate::restore::{self, RestoreOptions, RestoreOutcome};
@@ -124,6 +124,61 @@ pub fn read_follow_file(output: &Path) -> Result<Option<FollowFile>> {
         )));
     }
     Ok(Some(file))
+}
+
+/// The lineage a new generation of `db` records when `db` is a follower's
+/// copy (its position file is beside it): the generation and point it
+/// followed to. `None` for any other database.
+pub fn lineage(db: &Path) -> Option<Lineage> {
+    match read_follow_file(db) {
+        Ok(Some(f)) => Some(Lineage {
+            generation: f.at.generation,
+            next_index: f.at.next_index,
+            position: f.at.position,
+        }),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(db = %db.display(), error = %e, "cannot read the follower position file beside the database; its lineage is not recorded");
+            None
+        }
+    }
+}
+
+/// Called once the first generation of a promoted copy is stored: the
+/// position file has served and is removed, so later generations do not
+/// claim the lineage again.
+pub fn promoted(db: &Path, generation: &str) {
+    if let Some(l) = lineage(db) {
+        tracing::info!(db = %db.display(), follows = %l, %generation, "promoted a follower's copy: its new generation continues the one it followed");
+    }
+    let path = follow_file_path(db);
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the follower position file of a promoted database");
+    }
+}
+
+/// An error while a follower (another live process) still writes `db`:
+/// promoting a copy means stopping its follower first.
+pub fn check_not_followed(db: &Path) -> Result<()> {
+    let Ok(Some(f)) = read_follow_file(db) else {
+        return Ok(());
+    };
+    if f.pid == std::process::id() || f.pid == 0 {
+        return Ok(());
+    }
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let alive = unsafe { libc::kill(f.pid as libc::pid_t, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if alive {
+        return Err(Error::Database {
+            path: db.to_path_buf(),
+            message: format!(
+                "a follower (process {}, `walstream restore --follow`) still applies the primary's changes to it; stop it before replicating this copy as the new primary",
+                f.pid
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn write_follow_file(output: &Path, file: &FollowFile) -> Result<()> {

@@ -143,6 +143,25 @@ pub struct Manifest {
     pub database: String,
     pub hostname: Option<String>,
     pub walstream_version: String,
+    /// Set when the database was a follower's copy promoted to primary: the
+    /// generation (of the replica it followed) and the point it had reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<Lineage>,
+}
+
+/// Where a promoted follower's copy came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Lineage {
+    pub generation: String,
+    /// The first segment of that generation the copy did not hold.
+    pub next_index: u64,
+    pub position: u64,
+}
+
+impl std::fmt::Display for Lineage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.generation, self.position)
+    }
 }
 
 #[cfg(test)]

@@ -296,7 +296,7 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
                 if_db_not_exists,
                 if_replica_exists,
                 parallelism,
-                follow: follow.then(|| cli::restore::Follow {
+                follow: follow.then_some(cli::restore::Follow {
                     interval: follow_interval,
                     addr,
                     ready_lag,

@@ -113,6 +113,18 @@ impl Replica {
         Ok(())
     }
 
+    /// A generation's `generation.json`, `None` if it has none.
+    pub async fn get_manifest(&self, generation: &str) -> Result<Option<Manifest>> {
+        let key = layout::manifest(generation);
+        match self.storage.get(&key).await {
+            Ok(data) => serde_json::from_slice(&data)
+                .map(Some)
+                .map_err(|e| self.bad(&key, &format!("not a generation manifest: {e}"))),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub async fn put_segment(
         &self,
         header: &SegmentHeader,

@@ -634,6 +634,8 @@ impl Replicator {
     async fn begin_generations(&mut self, g: NewGeneration) -> Vec<(usize, Error)> {
         let mut failures = Vec::new();
         let database = self.source.db().display().to_string();
+        let follows = crate::follow::lineage(self.source.db());
+        let promoted = !g.replicas.is_empty() && follows.is_some();
         for i in g.replicas {
             let s = &mut self.shippers[i];
             let manifest = Manifest {
@@ -647,6 +649,7 @@ impl Replicator {
                 database: database.clone(),
                 hostname: std::env::var("HOSTNAME").ok(),
                 walstream_version: env!("CARGO_PKG_VERSION").to_string(),
+                follows: follows.clone(),
             };
             if let Err(e) = s
                 .begin_generation(&manifest, &g.header, g.file.path(), g.cursor)
@@ -655,6 +658,9 @@ impl Replicator {
                 s.failed(&e, "starting a new generation failed");
                 failures.push((i, e));
             }
+        }
+        if promoted && failures.is_empty() {
+            crate::follow::promoted(self.source.db(), &g.header.generation);
         }
         failures
     }

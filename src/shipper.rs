@@ -736,6 +736,7 @@ mod tests {
             database: "app.db".into(),
             hostname: None,
             walstream_version: "test".into(),
+            follows: None,
         };
         let header = SnapshotHeader {
             generation: id,

@@ -97,7 +97,7 @@ pub fn fmt_ms(ms: i64) -> String {
 
 async fn list_generations(replica: &Replica) -> Result<ExitCode> {
     outln!(
-        "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25}",
+        "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25} {}",
         "generation",
         "first_pos",
         "last_pos",
@@ -105,7 +105,8 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
         "segments",
         "compacted",
         "start",
-        "end"
+        "end",
+        "follows"
     );
     for g in replica.generations().await? {
         let start = generation::id_time(&g.id)
@@ -122,8 +123,19 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
                 tracing::warn!(generation = %g.id, error = %e, "cannot read the generation's newest object")
             }
         }
+        // A promoted follower's generation continues the one it followed.
+        let follows = match g.has_manifest {
+            true => match replica.get_manifest(&g.id).await {
+                Ok(m) => m.and_then(|m| m.follows).map(|l| l.to_string()),
+                Err(e) => {
+                    tracing::warn!(generation = %g.id, error = %e, "cannot read the generation's manifest");
+                    None
+                }
+            },
+            false => None,
+        };
         outln!(
-            "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25}",
+            "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25} {}",
             g.id,
             first,
             last,
@@ -131,7 +143,8 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
             g.segments.len(),
             g.compacted.len(),
             fmt_ms(start),
-            fmt_ms(end)
+            fmt_ms(end),
+            follows.as_deref().unwrap_or("-")
         );
     }
     Ok(ExitCode::SUCCESS)

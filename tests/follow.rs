@@ -344,11 +344,31 @@ fn a_follower_behind_compaction_and_retention_catches_up() {
         std::thread::sleep(Duration::from_millis(20));
     }
     w.wait_quiet();
-    let f = Follower::start(&copy, &url, &[], &flog);
+    let addr = free_addr();
+    let f = Follower::start(&copy, &url, &["--addr", &addr], &flog);
     let deadline = Instant::now() + Duration::from_secs(30);
     while dump(&copy) != dump(&db) {
         assert!(Instant::now() < deadline, "never caught up:\n{}", f.log());
         std::thread::sleep(Duration::from_millis(100));
+    }
+    // Caught up: ready, and the metrics say where it stands.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(&addr, "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            http_get(&addr, "/readyz")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, metrics) = http_get(&addr, "/metrics");
+    for needle in [
+        "walstream_follow_position{",
+        "walstream_follow_lag_seconds{",
+        "walstream_follow_apply_errors_total{",
+        "walstream_follow_applied_objects_total{",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
     }
     let log = f.stop();
     w.stop();

@@ -163,12 +163,12 @@ fn lost_continuity_starts_a_new_generation() {
     let db = dir.path().join("app.db");
     let replica = dir.path().join("replica");
     create(&db);
-    let port = free_port();
+    let addr = free_addr();
     let config = dir.path().join("walstream.yml");
     std::fs::write(
         &config,
         format!(
-            "addr: 127.0.0.1:{port}\ndbs:\n  - path: {}\n    monitor-interval: 100ms\n    replicas:\n      - path: {}\n        sync-interval: 0s\n",
+            "addr: {addr}\ndbs:\n  - path: {}\n    monitor-interval: 100ms\n    replicas:\n      - path: {}\n        sync-interval: 0s\n",
             db.display(),
             replica.display()
         ),
@@ -199,7 +199,7 @@ fn lost_continuity_starts_a_new_generation() {
     }
     python(COMMIT_AND_CLOSE, &db);
     r.wait_quiet();
-    let metrics = http_get(&format!("127.0.0.1:{port}"), "/metrics");
+    let (_, metrics) = http_get(&addr, "/metrics");
     assert!(
         metrics
             .lines()
@@ -235,27 +235,6 @@ fn lost_continuity_starts_a_new_generation() {
         String::from_utf8_lossy(&v.stdout),
         String::from_utf8_lossy(&v.stderr)
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
 }
 
 /// The "tx2" replica, built by hand: the application commits tx1

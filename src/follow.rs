@@ -47,7 +47,7 @@ use crate::generation::{layout, Lineage};
 use crate::metrics::FollowStatus;
 use crate::replica::{Compacted, GenerationListing, Replica};
 use crate::restore::{self, RestoreOptions, RestoreOutcome};
-use crate::segment::SegmentBody;
+use crate::segment::SegmentHeader;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, Clone)]
@@ -431,7 +431,14 @@ pub async fn follow(replica: &Replica, opts: &FollowOptions) -> Result<()> {
         match f.poll_next().await {
             Ok(true) => {
                 missing_since = None;
-                continue;
+                // Behind: fetch the next one at once. Caught up with what
+                // the primary ships: the next one is at least a sync away,
+                // so asking now would only be "not found".
+                let age = polled_at.saturating_sub(f.at.timestamp_ms);
+                if age > opts.interval.as_millis() as i64 {
+                    continue;
+                }
+                opts.status.caught_up(polled_at);
             }
             Ok(false) => {
                 let since = *missing_since.get_or_insert_with(Instant::now);
@@ -608,31 +615,42 @@ impl<'r> Follower<'r> {
     /// Fetches and applies the next segment. `Ok(false)`: it does not
     /// exist (yet).
     async fn poll_next(&mut self) -> Result<bool> {
-        let Some(seg) = self
+        let (generation, index) = (self.at.generation.clone(), self.at.next_index);
+        let key = layout::segment(&generation, index);
+        let download = restore::download_path(&self.opts.output);
+        let opened = self
             .replica
-            .next_segment_body(&self.at.generation, self.at.next_index)
-            .await?
-        else {
-            return Ok(false);
+            .open_segment_file(&key, &download, |h| {
+                h.generation == generation && h.index == index && h.level == 0
+            })
+            .await;
+        let result = match opened {
+            Ok(None) => Ok(false),
+            Ok(Some((header, _))) if header.first_position != self.at.position => {
+                Err(self.replica.bad(
+                    &key,
+                    &format!(
+                        "starts at position {} but the follower's copy is at {}",
+                        header.first_position, self.at.position
+                    ),
+                ))
+            }
+            Ok(Some((header, body))) => self.apply_segment(header, body, &key).await.map(|_| true),
+            Err(e) => Err(e),
         };
-        let key = layout::segment(&self.at.generation, self.at.next_index);
-        if seg.header.first_position != self.at.position {
-            return Err(self.replica.bad(
-                &key,
-                &format!(
-                    "starts at position {} but the follower's copy is at {}",
-                    seg.header.first_position, self.at.position
-                ),
-            ));
-        }
-        self.apply_segment(seg, &key).await?;
-        Ok(true)
+        let _ = std::fs::remove_file(&download);
+        result
     }
 
     /// Applies a segment or merged object that starts at or before the
-    /// copy's position and ends after it (see `discover`).
-    async fn apply_segment(&mut self, seg: SegmentBody, key: &str) -> Result<()> {
-        let h = &seg.header;
+    /// copy's position and ends after it (see `discover`), streaming its
+    /// pages from `body`: memory stays bounded whatever its size.
+    async fn apply_segment(
+        &mut self,
+        h: SegmentHeader,
+        body: Box<dyn Read + Send>,
+        key: &str,
+    ) -> Result<()> {
         if h.page_size != self.at.page_size {
             return Err(self.replica.bad(key, "page size differs from the copy's"));
         }
@@ -646,13 +664,18 @@ impl<'r> Follower<'r> {
         };
         let at = self.at.clone();
         let output = self.opts.output.clone();
+        let mut pages = Records {
+            body,
+            page_size: h.page_size as usize,
+            left: h.page_count,
+            previous: 0,
+            location: self.replica.location(),
+            key: key.to_string(),
+        };
         let mut applier = self.applier.take().expect("applier present between steps");
         let (applier, result) = tokio::task::spawn_blocking(move || {
-            let cut = Some(seg.header.min_db_pages());
-            let size = seg.header.db_pages;
-            let mut pages = seg.pages().map(|(n, p)| Ok((n, Cow::Borrowed(p))));
             let mut next = next;
-            let r = applier.step(cut, &mut pages, size, &mut |d| {
+            let r = applier.step(Some(h.min_db_pages()), &mut pages, h.db_pages, &mut |d| {
                 next.digest = d.hex();
                 write_follow_file(&output, &file_at(&at, Some(next.clone())))
             });
@@ -677,7 +700,7 @@ impl<'r> Follower<'r> {
     /// Applies a snapshot of the current or a newer generation over the
     /// copy, in one transaction that writes only the pages that differ.
     async fn apply_snapshot(&mut self, g: &GenerationListing, snap: (u64, i64)) -> Result<()> {
-        let download = restore::snapshot_download_path(&self.opts.output);
+        let download = restore::download_path(&self.opts.output);
         let result = self.apply_snapshot_via(g, snap, &download).await;
         let _ = std::fs::remove_file(&download);
         result
@@ -760,6 +783,41 @@ impl<'r> Follower<'r> {
         Ok(())
     }
 
+    async fn apply_compacted(
+        &mut self,
+        generation: &str,
+        c: &Compacted,
+        key: &str,
+        download: &Path,
+    ) -> Result<()> {
+        let opened = self
+            .replica
+            .open_segment_file(key, download, |h| {
+                h.generation == generation
+                    && h.level == c.level
+                    && h.index == c.first
+                    && h.last_index() == c.last
+            })
+            .await?;
+        let Some((h, body)) = opened else {
+            return Err(Error::Missing {
+                location: self.replica.location(),
+                key: key.to_string(),
+                message: "listed but not found".into(),
+            });
+        };
+        if h.first_position > self.at.position || h.last_position < self.at.position {
+            return Err(self.replica.bad(
+                key,
+                &format!(
+                    "covers positions {}..{}, which do not include the copy's {}",
+                    h.first_position, h.last_position, self.at.position
+                ),
+            ));
+        }
+        self.apply_segment(h, body, key).await
+    }
+
     /// One LIST: finds what the next segment was replaced by, and applies
     /// it. `Ok(false)`: nothing new (the primary is idle).
     async fn discover(&mut self) -> Result<bool> {
@@ -776,18 +834,10 @@ impl<'r> Follower<'r> {
             // to its smallest size zeroes exactly what it would have.
             if let Some(c) = covering(g, next) {
                 let key = layout::compacted(&g.id, c.level, c.first, c.last, c.timestamp_ms);
-                let seg = self.replica.get_compacted_body(&g.id, c).await?;
-                let h = &seg.header;
-                if h.first_position > self.at.position || h.last_position < self.at.position {
-                    return Err(self.replica.bad(
-                        &key,
-                        &format!(
-                            "covers positions {}..{}, which do not include the copy's {}",
-                            h.first_position, h.last_position, self.at.position
-                        ),
-                    ));
-                }
-                self.apply_segment(seg, &key).await?;
+                let download = restore::download_path(&self.opts.output);
+                let result = self.apply_compacted(&g.id, c, &key, &download).await;
+                let _ = std::fs::remove_file(&download);
+                result?;
                 return Ok(true);
             }
             // Retention deleted what the copy needs (it fell far behind):
@@ -827,6 +877,54 @@ impl<'r> Follower<'r> {
         self.opts.status.switched();
         tracing::info!(from = %from, to = %newest.id, snapshot = index, "follow: the primary started a new generation; now following it");
         Ok(true)
+    }
+}
+
+/// The page records of a segment-format body, read one at a time, checked
+/// to be in ascending order without repeats (as `segment::decode_body`
+/// checks a body in memory).
+struct Records {
+    body: Box<dyn Read + Send>,
+    page_size: usize,
+    left: u64,
+    previous: u32,
+    location: String,
+    key: String,
+}
+
+impl Iterator for Records {
+    type Item = Result<(u32, Cow<'static, [u8]>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let bad = |message: String| Error::BadObject {
+            location: self.location.clone(),
+            key: self.key.clone(),
+            message,
+        };
+        let mut number = [0u8; 4];
+        let mut page = vec![0u8; self.page_size];
+        if let Err(e) = self
+            .body
+            .read_exact(&mut number)
+            .and_then(|_| self.body.read_exact(&mut page))
+        {
+            self.left = 0;
+            return Some(Err(bad(format!("body ends early: {e}"))));
+        }
+        let pgno = u32::from_be_bytes(number);
+        if pgno <= self.previous {
+            self.left = 0;
+            return Some(Err(bad(format!(
+                "page {pgno} comes after page {} (records must ascend)",
+                self.previous
+            ))));
+        }
+        self.previous = pgno;
+        Some(Ok((pgno, Cow::Owned(page))))
     }
 }
 

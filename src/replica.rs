@@ -191,19 +191,43 @@ impl Replica {
         .await
     }
 
-    /// [`Replica::get_segment_body`], `None` while the segment does not exist
-    /// (yet): a follower asks for the next segment by its key instead of
-    /// listing the replica.
-    pub async fn next_segment_body(
+    /// A segment-format object (a segment, or a merged object) verified in a
+    /// file rather than in memory, for objects of any size: read in place
+    /// from a directory replica, else downloaded to `dest`. Returns its
+    /// header and a reader of its page records; `None` if the object does
+    /// not exist.
+    pub async fn open_segment_file(
         &self,
-        generation: &str,
-        index: u64,
-    ) -> Result<Option<SegmentBody>> {
-        match self.get_segment_body(generation, index).await {
-            Ok(seg) => Ok(Some(seg)),
-            Err(Error::Missing { .. }) => Ok(None),
-            Err(e) => Err(e),
+        key: &str,
+        dest: &Path,
+        matches_key: impl Fn(&SegmentHeader) -> bool,
+    ) -> Result<Option<(SegmentHeader, Box<dyn std::io::Read + Send>)>> {
+        let source = match self.storage.local_path(key) {
+            Some(p) => p,
+            None => match self.storage.get_file(key, dest).await {
+                Ok(_) => dest.to_path_buf(),
+                Err(e) if e.is_not_found() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let corrupt = |source| Error::Corrupt {
+            location: self.location(),
+            key: key.to_string(),
+            source,
+        };
+        let (header, body) =
+            crate::format::decode_file::<SegmentHeader>(segment::MAGIC, "segment", &source)
+                .map_err(corrupt)?;
+        let ps = header.page_size;
+        if !(512..=65536).contains(&ps) || !ps.is_power_of_two() {
+            return Err(corrupt(crate::format::FormatError::Header(format!(
+                "bad page size {ps}"
+            ))));
         }
+        if !matches_key(&header) {
+            return Err(self.bad(key, "header does not match its key"));
+        }
+        Ok(Some((header, body)))
     }
 
     /// Where a generation ends: the position after, and the time of, its

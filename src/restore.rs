@@ -395,9 +395,9 @@ fn temp_prefix(name: &str, kind: &str) -> String {
     format!(".{name}.walstream-{kind}.")
 }
 
-/// Where this process downloads a snapshot meant for `output` (beside it,
+/// Where this process downloads an object meant for `output` (beside it,
 /// named so that a later restore removes it if this process dies first).
-pub(crate) fn snapshot_download_path(output: &Path) -> PathBuf {
+pub(crate) fn download_path(output: &Path) -> PathBuf {
     let name = output
         .file_name()
         .unwrap_or_default()

@@ -71,7 +71,6 @@ pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
         resolved.replica,
         parallelism.unwrap_or(resolved.concurrency).max(1),
     );
-    keep_freed_memory();
     if dry_run {
         outln!(
             "would restore {} from {} to {}",
@@ -99,6 +98,7 @@ pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
         )
         .await;
     }
+    keep_freed_memory();
     let progress: Option<Arc<dyn restore::Progress>> =
         std::io::IsTerminal::is_terminal(&std::io::stderr())
             .then(|| Arc::new(Bar::default()) as Arc<dyn restore::Progress>);

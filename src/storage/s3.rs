@@ -483,7 +483,11 @@ impl Storage for S3Storage {
             let short = |n: u64| expected.is_some_and(|e| e != n);
             match copied {
                 Ok(n) if !short(n) => {
-                    file.sync_all().await.map_err(io)?;
+                    // Read back at once (restore, follow): durability is the
+                    // output's business, not this download's.
+                    tokio::io::AsyncWriteExt::flush(&mut file)
+                        .await
+                        .map_err(io)?;
                     return Ok(n);
                 }
                 Ok(_) | Err(_) if attempt < BODY_ATTEMPTS => {

@@ -9,7 +9,8 @@
 //! started, and the exit is non-zero, so a misconfiguration is seen at once
 //! rather than as a replica that silently never worked.
 //!
-//! `dir:` entries are rescanned every monitor interval; new databases get
+//! `dir:` entries are rescanned when a file is created in them (file
+//! notifications; every monitor interval without them); new databases get
 //! workers as they appear.
 //!
 //! With `exec`, the application starts once every pair has started, receives
@@ -300,11 +301,15 @@ impl Daemon {
         })
     }
 
-    /// Picks up databases that appeared in `dir:` entries since the last call.
-    pub async fn rescan(&mut self) {
+    /// Picks up databases that appeared in `dir:` entries since the last
+    /// call. Returns whether a file matched a pattern but was not a
+    /// database (yet: an application creating one writes its header a
+    /// moment after the file appears), so the next scan should come soon.
+    pub async fn rescan(&mut self) -> bool {
+        let mut pending = false;
         for d in self.settings.dirs.clone() {
             let seen = std::mem::take(&mut self.scanned);
-            let found = scan_new(&d, &|p: &Path| seen.contains(p));
+            let found = scan_new(&d, &|p: &Path| seen.contains(p), &mut pending);
             self.scanned = seen;
             match found {
                 Ok(dbs) => {
@@ -318,6 +323,7 @@ impl Daemon {
                 Err(e) => tracing::warn!(dir = %d.dir.display(), error = %e, "cannot scan"),
             }
         }
+        pending
     }
 
     /// Begins the stop: every worker ships what is committed, within
@@ -413,8 +419,17 @@ impl Daemon {
             .map(|d| d.template.monitor_interval)
             .min()
             .unwrap_or(Duration::from_secs(3600));
-        let mut scan = tokio::time::interval(scan_every);
-        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A listing of a directory of thousands of databases costs
+        // milliseconds: rescan when a file is created there (within
+        // `scan_every`, so a burst of new files costs one listing), else
+        // only as rarely as an idle database is looked at.
+        let (created_tx, mut created) = tokio::sync::mpsc::unbounded_channel();
+        let dir_watch = watch_dirs(&self.settings.dirs, created_tx);
+        let fallback = match &dir_watch {
+            Some(_) => scan_every * crate::replicate::IDLE_POLL_FACTOR,
+            None => scan_every,
+        };
+        let mut next_scan = tokio::time::Instant::now() + scan_every;
         let code = loop {
             let forwarded = tokio::select! {
                 Some(sig) = self.signals.recv() => Some(sig),
@@ -423,8 +438,14 @@ impl Daemon {
                     tracing::info!(code, "application exited, shipping and stopping");
                     break code;
                 }
-                _ = scan.tick(), if !self.settings.dirs.is_empty() => {
-                    self.rescan().await;
+                _ = tokio::time::sleep_until(next_scan), if !self.settings.dirs.is_empty() => {
+                    let pending = self.rescan().await;
+                    next_scan = tokio::time::Instant::now()
+                        + if pending { scan_every } else { fallback };
+                    None
+                }
+                Some(()) = created.recv() => {
+                    next_scan = next_scan.min(tokio::time::Instant::now() + scan_every);
                     None
                 }
             };
@@ -571,12 +592,54 @@ fn absolute(p: &Path) -> PathBuf {
 /// with SQLite's header. WAL, shared-memory and journal files, and hidden
 /// files (walstream's own restore temporaries among them), are skipped.
 pub fn scan(d: &DirSettings) -> Result<Vec<DbSettings>> {
-    scan_new(d, &|_: &Path| false)
+    scan_new(d, &|_: &Path| false, &mut false)
+}
+
+/// Tells `created` whenever a file or directory is created in (or moved
+/// into) a `dir:` entry. `None` when notifications are unavailable: the
+/// caller polls.
+fn watch_dirs(
+    dirs: &[DirSettings],
+    created: UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    if dirs.is_empty() {
+        return None;
+    }
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            let renamed = matches!(
+                ev.kind,
+                notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+            );
+            if matches!(ev.kind, notify::EventKind::Create(_)) || renamed || ev.need_rescan() {
+                let _ = created.send(());
+            }
+        }
+    })
+    .ok()?;
+    for d in dirs {
+        let mode = if d.recursive {
+            notify::RecursiveMode::Recursive
+        } else {
+            notify::RecursiveMode::NonRecursive
+        };
+        if let Err(e) = w.watch(&d.dir, mode) {
+            tracing::warn!(dir = %d.dir.display(), error = %e, "file notifications unavailable, scanning every monitor-interval");
+            return None;
+        }
+    }
+    Some(w)
 }
 
 /// `scan`, leaving out the paths `seen` says were looked at before (a
 /// rescan must cost a directory listing, not a header read per database).
-fn scan_new(d: &DirSettings, seen: &dyn Fn(&Path) -> bool) -> Result<Vec<DbSettings>> {
+/// Sets `pending` when a file matches the pattern but is not a database.
+fn scan_new(
+    d: &DirSettings,
+    seen: &dyn Fn(&Path) -> bool,
+    pending: &mut bool,
+) -> Result<Vec<DbSettings>> {
     let mut found = Vec::new();
     let mut stack = vec![d.dir.clone()];
     while let Some(dir) = stack.pop() {
@@ -601,8 +664,11 @@ fn scan_new(d: &DirSettings, seen: &dyn Fn(&Path) -> bool) -> Result<Vec<DbSetti
                     .any(|s| name.ends_with(s))
                 || !d.pattern.matches(&name)
                 || seen(&path)
-                || !is_sqlite(&path)
             {
+                continue;
+            }
+            if !is_sqlite(&path) {
+                *pending = true;
                 continue;
             }
             found.extend(d.for_db(&path));

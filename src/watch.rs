@@ -54,6 +54,16 @@ impl Watcher {
         let routes = targets.clone();
         let handler = move |res: notify::Result<notify::Event>| {
             let Ok(ev) = res else { return };
+            // The kernel's event queue overflowed: events were lost, so
+            // every watched database looks again.
+            if ev.need_rescan() {
+                for t in routes.lock().unwrap().values().flatten() {
+                    if t.armed.swap(false, Ordering::SeqCst) {
+                        let _ = t.wake.send(Control::Wake);
+                    }
+                }
+                return;
+            }
             // Only writes, creation and removal matter. Access, open and
             // close events include walstream's own reads of the WAL and would
             // wake it in a loop.

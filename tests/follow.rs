@@ -247,7 +247,18 @@ fn readers_see_only_whole_states_through_switches_and_kills() {
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let w = Replicating::db(&db, &replica);
+    // Every commit its own segment: thousands of steps for the readers.
+    let cfg = dir.path().join("primary.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    replicas:\n      - path: {}\n        sync-interval: 0s\n",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
     std::thread::sleep(Duration::from_millis(300));
     let f = Follower::start(&copy, &url, &["--follow-interval", "200ms"], &flog);
     let readers = [
@@ -272,7 +283,7 @@ fn readers_see_only_whole_states_through_switches_and_kills() {
         c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .unwrap();
     }
-    let w = Replicating::db(&db, &replica);
+    let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
     f.wait_for("now following it", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
 
@@ -303,7 +314,47 @@ fn readers_see_only_whole_states_through_switches_and_kills() {
     assert_same(&db, &copy);
     integrity_ok(&copy);
     let applied = log.matches("applied").count();
-    assert!(applied > 100, "only {applied} objects applied:\n{log}");
+    assert!(applied > 1000, "only {applied} objects applied:\n{log}");
+}
+
+/// A copy changed behind the follower's back (here: a row written to it
+/// while the follower was stopped) is refused with an error naming it, and
+/// left as it is.
+#[test]
+fn a_copy_changed_while_stopped_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let copy = dir.path().join("copy.db");
+    let flog = dir.path().join("follower.log");
+    let url = format!("file://{}", replica.display());
+    let mut c = app(&db);
+    create_items(&c);
+    let w = Replicating::db(&db, &replica);
+    let mut rng = Rng::new(5);
+    for _ in 0..10 {
+        random_txn(&mut c, &mut rng);
+    }
+    w.wait_quiet();
+    Follower::start(&copy, &url, &[], &flog).stop();
+    app(&copy)
+        .execute_batch("CREATE TABLE intruder(x); INSERT INTO intruder VALUES (1);")
+        .unwrap();
+    let before = dump(&copy);
+    let o = Command::new(bin())
+        .args(["restore", "--follow", "-o"])
+        .arg(&copy)
+        .arg(&url)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(copy.to_str().unwrap()) && err.contains("changed by something else"),
+        "{err}"
+    );
+    assert_eq!(dump(&copy), before, "the copy was left alone");
+    w.stop();
 }
 
 /// Whatever replaced the segment a stopped follower needs (compaction

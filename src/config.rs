@@ -141,6 +141,16 @@ pub struct DbConfig {
     pub snapshot_interval: Option<Duration>,
 }
 
+/// `lease:` of a replica (see `lease`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LeaseConfig {
+    #[serde(default, deserialize_with = "duration")]
+    pub ttl: Option<Duration>,
+    pub wait: Option<bool>,
+    pub required: Option<bool>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ReplicaConfig {
@@ -168,6 +178,8 @@ pub struct ReplicaConfig {
     /// Bytes of page data this replica may hold while its storage fails
     /// before it is detached (a new generation follows when it recovers).
     pub max_pending: Option<ByteSize>,
+    /// The replica's lease (one writer at a time).
+    pub lease: Option<LeaseConfig>,
     pub part_size: Option<u64>,
     pub concurrency: Option<u64>,
     pub sse: Option<String>,
@@ -295,6 +307,7 @@ pub struct ReplicaSettings {
     pub snapshot_interval: Duration,
     /// See `defaults::MAX_PENDING`.
     pub max_pending: u64,
+    pub lease: crate::lease::LeaseOptions,
 }
 
 impl ReplicaSettings {
@@ -323,6 +336,7 @@ impl ReplicaSettings {
             validation_interval: None,
             snapshot_interval: defaults::SNAPSHOT_INTERVAL,
             max_pending: defaults::MAX_PENDING,
+            lease: crate::lease::LeaseOptions::default(),
         }
     }
 }
@@ -585,6 +599,16 @@ impl Config {
                     rs.retention_check_interval = v.max(Duration::from_millis(100));
                 }
                 rs.validation_interval = r.validation_interval.filter(|v| !v.is_zero());
+                if let Some(l) = &r.lease {
+                    if let Some(ttl) = l.ttl {
+                        if ttl < Duration::from_secs(1) {
+                            return Err(invalid(format!("{rat}: lease ttl must be at least 1s")));
+                        }
+                        rs.lease.ttl = ttl;
+                    }
+                    rs.lease.wait = l.wait.unwrap_or(rs.lease.wait);
+                    rs.lease.required = l.required.unwrap_or(rs.lease.required);
+                }
                 if let Some(v) = &r.max_pending {
                     if v.0 == 0 {
                         return Err(invalid(format!("{rat}: max-pending must be positive")));

@@ -39,6 +39,7 @@ use crate::config::{DbSettings, DirSettings, ReplicaSettings, Settings};
 use crate::error::{Error, IoContext, Result};
 use crate::exec::App;
 use crate::fdlimit::FdBudget;
+use crate::lease::{Holder, Lease, Leased};
 use crate::metrics::{Metrics, ReplicaStatus, State};
 use crate::replica::Replica;
 use crate::replicate::{blocking, Control, Replicator, RunEnd, StartError};
@@ -230,6 +231,7 @@ impl Daemon {
         let mut replicas = Vec::new();
         let mut statuses = Vec::new();
         let mut maintenance = Vec::new();
+        let mut leases = Vec::new();
         for rs in &db.replicas {
             let max_lag = rs.sync_interval + db.monitor_interval + self.settings.ready_lag;
             let status = self.metrics.replica(
@@ -237,13 +239,15 @@ impl Daemon {
                 &rs.target.to_string(),
                 max_lag,
             );
-            let storage = Metered::wrap(
-                Bounded::wrap(storage::open(&rs.target).await, self.stop.clone()),
-                status.clone(),
-            );
+            let bounded = Bounded::wrap(storage::open(&rs.target).await, self.stop.clone());
+            let holder = Holder::me(&absolute(&db.path).display().to_string());
+            let lease = Lease::new(bounded.clone(), &rs.target, holder, rs.lease.clone());
+            let storage = Metered::wrap(Leased::wrap(bounded, lease.clone()), status.clone());
             let replica = Replica::new(storage);
+            leases.push(lease.clone());
             maintenance.push(tokio::spawn(
                 maintain(
+                    lease,
                     replica.clone(),
                     status.clone(),
                     db.path.clone(),
@@ -279,6 +283,7 @@ impl Daemon {
             budget: self.fds.clone(),
             permit: None,
             closed: None,
+            leases,
         };
         let (done_tx, done) = oneshot::channel();
         let span = tracing::info_span!("replicate", db = %db.path.display());
@@ -476,12 +481,16 @@ impl Daemon {
 /// worker so they never delay shipping. Each is crash-safe on
 /// its own (see `compact`, `retention`), so being cut off at shutdown is fine.
 async fn maintain(
+    lease: Arc<Lease>,
     replica: Replica,
     status: Arc<ReplicaStatus>,
     db: PathBuf,
     rs: ReplicaSettings,
     levels: Vec<Duration>,
 ) {
+    // Nothing is compacted or pruned by a process that does not hold the
+    // replica's lease.
+    lease.held().await;
     let compact_every = levels.first().copied();
     let every = [
         compact_every,
@@ -713,6 +722,9 @@ struct Job {
     /// The replicas' state and the proof of what was read, while the
     /// database is closed for want of descriptors.
     closed: Option<(Vec<Shipper>, Closed)>,
+    /// Each replica's lease, taken before anything is written to it and
+    /// released when the worker ends.
+    leases: Vec<Arc<Lease>>,
 }
 
 impl Job {
@@ -726,7 +738,29 @@ impl Job {
     /// failing makes one last attempt (which ships what is committed, see
     /// `Replicator::run`) and returns its outcome, so a failure can never
     /// lead to another round of "will restart".
-    async fn run(mut self, mut control: UnboundedReceiver<Control>) -> Vec<Result<()>> {
+    async fn run(mut self, control: UnboundedReceiver<Control>) -> Vec<Result<()>> {
+        for (i, lease) in self.leases.clone().iter().enumerate() {
+            if let Err(e) = lease.acquire(&self.stop).await {
+                let who = Some(self.replicas[i].3.clone());
+                if let Some(tx) = self.started.take() {
+                    return match tx.send(Err((who, e))) {
+                        Err(Err((_, e))) => self.all_err(&e),
+                        _ => self.all(|| Ok(())),
+                    };
+                }
+                tracing::error!(error = %e, "cannot replicate this database");
+                return self.all_err(&e);
+            }
+        }
+        let leases = self.leases.clone();
+        let outcome = self.replicate(control).await;
+        for lease in leases {
+            lease.release().await;
+        }
+        outcome
+    }
+
+    async fn replicate(mut self, mut control: UnboundedReceiver<Control>) -> Vec<Result<()>> {
         let mut backoff = self.opts.monitor_interval.max(Duration::from_millis(100));
         loop {
             let last = self.stop.requested();

@@ -54,3 +54,7 @@ pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 pub const FOLLOW_DISCOVER_POLLS: u32 = 10;
 /// `/readyz` of a follower: ready while it caught up this recently.
 pub const FOLLOW_READY_LAG: Duration = Duration::from_secs(10);
+
+/// A replica's lease (S3) lapses when its holder has not renewed it for
+/// this long; it is renewed every third of it.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);

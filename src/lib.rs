@@ -33,6 +33,7 @@ pub mod fdlimit;
 pub mod follow;
 pub mod format;
 pub mod generation;
+pub mod lease;
 pub mod metrics;
 pub mod replica;
 pub mod replicate;

@@ -170,6 +170,31 @@ impl Storage for Bounded {
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
         self.bound("get", key, self.inner.get_file(key, path)).await
     }
+    async fn create_new(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+    ) -> Result<crate::storage::Conditional, StorageError> {
+        self.bound("create", key, self.inner.create_new(key, data))
+            .await
+    }
+
+    async fn get_versioned(
+        &self,
+        key: &str,
+    ) -> Result<(Vec<u8>, crate::storage::Version), StorageError> {
+        self.bound("get", key, self.inner.get_versioned(key)).await
+    }
+
+    async fn replace_if(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        version: &str,
+    ) -> Result<crate::storage::Conditional, StorageError> {
+        self.bound("replace", key, self.inner.replace_if(key, data, version))
+            .await
+    }
 }
 
 #[cfg(test)]

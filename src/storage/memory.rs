@@ -6,11 +6,13 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{ObjectMeta, Storage, StorageError};
+use super::{Conditional, ObjectMeta, Storage, StorageError, Version};
 
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
     objects: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Versions of objects written by conditional writes (a counter).
+    versions: Mutex<BTreeMap<String, u64>>,
 }
 
 impl MemoryStorage {
@@ -23,7 +25,49 @@ impl MemoryStorage {
 impl Storage for MemoryStorage {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
         self.objects.lock().unwrap().insert(key.to_string(), data);
+        *self
+            .versions
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default() += 1;
         Ok(())
+    }
+
+    async fn create_new(&self, key: &str, data: Vec<u8>) -> Result<Conditional, StorageError> {
+        let mut objects = self.objects.lock().unwrap();
+        if objects.contains_key(key) {
+            return Ok(Conditional::Conflict);
+        }
+        objects.insert(key.to_string(), data);
+        let mut versions = self.versions.lock().unwrap();
+        let v = versions.entry(key.to_string()).or_default();
+        *v += 1;
+        Ok(Conditional::Done(v.to_string()))
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<(Vec<u8>, Version), StorageError> {
+        let data = self.get(key).await?;
+        let v = self.versions.lock().unwrap().get(key).copied().unwrap_or(0);
+        Ok((data, v.to_string()))
+    }
+
+    async fn replace_if(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        version: &str,
+    ) -> Result<Conditional, StorageError> {
+        let mut objects = self.objects.lock().unwrap();
+        let mut versions = self.versions.lock().unwrap();
+        let current = versions.get(key).copied().unwrap_or(0).to_string();
+        if !objects.contains_key(key) || current != version {
+            return Ok(Conditional::Conflict);
+        }
+        objects.insert(key.to_string(), data);
+        let v = versions.entry(key.to_string()).or_default();
+        *v += 1;
+        Ok(Conditional::Done(v.to_string()))
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {

@@ -11,6 +11,11 @@
 //! * `get` of a missing key is `StorageError::NotFound`.
 //! * `list` is recursive, sorted by key, and never shows temporary objects.
 //! * `delete` of a missing key succeeds.
+//!
+//! Leases (`lease`) need three more, conditional on an object's version,
+//! which a backend may not offer (then `StorageError::Unsupported`):
+//! `create_new` (only if absent), `get_versioned`, and `replace_if` (only
+//! if unchanged since that version).
 
 pub mod file;
 pub mod memory;
@@ -49,6 +54,12 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{op} {key} in {location}: this storage does not support conditional writes")]
+    Unsupported {
+        op: &'static str,
+        location: String,
+        key: String,
+    },
     #[error("{op} {key} in {location}: {message}")]
     Backend {
         op: &'static str,
@@ -62,6 +73,19 @@ impl StorageError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, StorageError::NotFound { .. })
     }
+}
+
+/// An object's version for conditional writes (S3: its ETag).
+pub type Version = String;
+
+/// The outcome of a conditional write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conditional {
+    /// Written; the object's new version.
+    Done(Version),
+    /// Not written: the object exists (`create_new`) or changed or is gone
+    /// (`replace_if`).
+    Conflict,
 }
 
 /// A place objects are stored.
@@ -97,6 +121,34 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// instead of copying them first.
     fn local_path(&self, _key: &str) -> Option<std::path::PathBuf> {
         None
+    }
+
+    /// Stores `data` under `key` only if no object is there.
+    async fn create_new(&self, key: &str, _data: Vec<u8>) -> Result<Conditional, StorageError> {
+        Err(self.unsupported("create", key))
+    }
+
+    /// The object and its version.
+    async fn get_versioned(&self, key: &str) -> Result<(Vec<u8>, Version), StorageError> {
+        Err(self.unsupported("get", key))
+    }
+
+    /// Replaces the object at `key` only if its version is still `version`.
+    async fn replace_if(
+        &self,
+        key: &str,
+        _data: Vec<u8>,
+        _version: &str,
+    ) -> Result<Conditional, StorageError> {
+        Err(self.unsupported("replace", key))
+    }
+
+    fn unsupported(&self, op: &'static str, key: &str) -> StorageError {
+        StorageError::Unsupported {
+            op,
+            location: self.location(),
+            key: key.to_string(),
+        }
     }
 
     /// Downloads an object into a new file at `path`, returning its size.

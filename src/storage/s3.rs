@@ -27,7 +27,7 @@ use aws_sdk_s3::types::{
 use aws_sdk_s3::Client;
 
 use super::target::S3Target;
-use super::{ObjectMeta, Storage, StorageError};
+use super::{Conditional, ObjectMeta, Storage, StorageError, Version};
 
 /// Lets `get_err` read the HTTP status of a raw response.
 trait HasStatus {
@@ -236,6 +236,36 @@ impl S3Storage {
         format!("{}{key}", self.prefix)
     }
 
+    /// A conditional PUT's outcome: 412 (and 409, which S3 answers to a
+    /// conditional write racing another) is a conflict, not a failure.
+    fn conditional<E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        out: Result<Option<String>, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>,
+    ) -> Result<Conditional, StorageError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        match out {
+            Ok(etag) => Ok(Conditional::Done(etag.unwrap_or_default())),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                let code = e.code().map(str::to_string);
+                if matches!(status, Some(412) | Some(409))
+                    || matches!(
+                        code.as_deref(),
+                        Some("PreconditionFailed") | Some("ConditionalRequestConflict")
+                    )
+                {
+                    Ok(Conditional::Conflict)
+                } else {
+                    Err(self.err(op, key, e))
+                }
+            }
+        }
+    }
+
     fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> StorageError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -366,6 +396,51 @@ impl Storage for S3Storage {
             .await
             .map_err(|e| self.err("put", key, e))?;
         Ok(())
+    }
+
+    async fn create_new(&self, key: &str, data: Vec<u8>) -> Result<Conditional, StorageError> {
+        self.counts.put.fetch_add(1, Ordering::Relaxed);
+        let out = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .if_none_match("*")
+            .body(ByteStream::from(data))
+            .send()
+            .await;
+        self.conditional("create", key, out.map(|o| o.e_tag))
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<(Vec<u8>, Version), StorageError> {
+        let out = self.get_object(key).await?;
+        let etag = out.e_tag.clone().unwrap_or_default();
+        let body = read_body(out).await.map_err(|e| StorageError::Backend {
+            op: "get",
+            location: self.location.clone(),
+            key: key.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok((body, etag))
+    }
+
+    async fn replace_if(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        version: &str,
+    ) -> Result<Conditional, StorageError> {
+        self.counts.put.fetch_add(1, Ordering::Relaxed);
+        let out = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .if_match(version)
+            .body(ByteStream::from(data))
+            .send()
+            .await;
+        self.conditional("replace", key, out.map(|o| o.e_tag))
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {

@@ -26,7 +26,7 @@
 //! found at start with one test write and refused unless the lease is
 //! configured `required: false`.
 
-use std::io::{Read, Seek, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -264,13 +264,20 @@ impl Lease {
     fn try_lock(&self, dir: &std::path::Path) -> Result<Option<Holder>> {
         std::fs::create_dir_all(dir).io_ctx("create", dir)?;
         let path = dir.join(KEY);
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .io_ctx("open", &path)?;
+        // Locked through a read-only descriptor: one open for writing for
+        // the process's life would keep the replica's filesystem from being
+        // remounted read-only. The record is written through another,
+        // short-lived one, in place (a rename would put a new, unlocked
+        // file at the path).
+        if !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .io_ctx("create", &path)?;
+        }
+        let mut f = std::fs::File::open(&path).io_ctx("open", &path)?;
         // SAFETY: flock on a descriptor this function owns.
         let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         let mut text = String::new();
@@ -293,10 +300,7 @@ impl Lease {
             ttl_ms: 0,
             released: false,
         };
-        f.set_len(0).io_ctx("write", &path)?;
-        f.rewind().io_ctx("write", &path)?;
-        f.write_all(&serde_json::to_vec_pretty(&record).expect("record serializes"))
-            .io_ctx("write", &path)?;
+        std::fs::write(&path, encode(&record)).io_ctx("write", &path)?;
         tracing::info!(replica = %self.location, epoch = record.epoch, "holding the replica's lease (lock file)");
         *self.held.lock().unwrap() = Held::Lock(f);
         Ok(None)
@@ -623,11 +627,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(b.epoch(), Some(2));
-        // b goes silent (its renewals stop being written): a waiter takes
-        // over after a ttl, and b stops counting itself valid before that.
-        if let Held::Object { version, .. } = &mut *b.held.lock().unwrap() {
-            *version = "stale".into();
-        }
+        // b goes silent (as a frozen process: its renewals stop): a waiter
+        // takes over only after the lease stayed unchanged for a ttl.
+        *b.held.lock().unwrap() = Held::Not;
         let d = lease(&storage, "/data/app.db", 4, 600, true);
         let t = Instant::now();
         tokio::time::timeout(Duration::from_secs(5), d.acquire(&stop))

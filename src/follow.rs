@@ -662,9 +662,7 @@ impl<'r> Follower<'r> {
             page_size: h.page_size,
             digest: String::new(),
         };
-        let at = self.at.clone();
-        let output = self.opts.output.clone();
-        let mut pages = Records {
+        let pages = Records {
             body,
             page_size: h.page_size as usize,
             left: h.page_count,
@@ -672,10 +670,27 @@ impl<'r> Follower<'r> {
             location: self.replica.location(),
             key: key.to_string(),
         };
+        self.run_step(next, Some(h.min_db_pages()), h.db_pages, pages)
+            .await?;
+        tracing::debug!(key, position = self.at.position, "applied");
+        Ok(())
+    }
+
+    /// Moves the copy to `next` in one step (see `Applier::step`), off the
+    /// runtime: the position file first says the copy is at the current
+    /// point or at `next`, then the step commits.
+    async fn run_step(
+        &mut self,
+        mut next: Point,
+        cut: Option<u32>,
+        size: u32,
+        mut pages: impl Iterator<Item = Result<(u32, Cow<'static, [u8]>)>> + Send + 'static,
+    ) -> Result<()> {
+        let at = self.at.clone();
+        let output = self.opts.output.clone();
         let mut applier = self.applier.take().expect("applier present between steps");
         let (applier, result) = tokio::task::spawn_blocking(move || {
-            let mut next = next;
-            let r = applier.step(Some(h.min_db_pages()), &mut pages, h.db_pages, &mut |d| {
+            let r = applier.step(cut, &mut pages, size, &mut |d| {
                 next.digest = d.hex();
                 write_follow_file(&output, &file_at(&at, Some(next.clone())))
             });
@@ -692,7 +707,6 @@ impl<'r> Follower<'r> {
         self.opts
             .status
             .applied(&next.generation, next.position, next.timestamp_ms);
-        tracing::debug!(key, position = next.position, "applied");
         self.at = next;
         Ok(())
     }
@@ -734,53 +748,30 @@ impl<'r> Follower<'r> {
             page_size: header.page_size,
             digest: String::new(),
         };
-        let at = self.at.clone();
-        let output = self.opts.output.clone();
         let location = self.replica.location();
-        let mut applier = self.applier.take().expect("applier present between steps");
-        let (applier, result) = tokio::task::spawn_blocking(move || {
-            let ps = header.page_size as usize;
-            let mut image = image.take(header.db_pages as u64 * ps as u64);
-            let mut n = 0u32;
-            let mut failed = false;
-            let mut pages = std::iter::from_fn(|| {
-                if failed || n >= header.db_pages {
-                    return None;
+        let ps = header.page_size as usize;
+        let mut image = image.take(header.db_pages as u64 * ps as u64);
+        let mut n = 0u32;
+        let mut failed = false;
+        let pages = std::iter::from_fn(move || {
+            if failed || n >= header.db_pages {
+                return None;
+            }
+            let mut buf = vec![0u8; ps];
+            n += 1;
+            match image.read_exact(&mut buf) {
+                Ok(()) => Some(Ok((n, Cow::Owned(buf)))),
+                Err(e) => {
+                    failed = true;
+                    Some(Err(Error::BadObject {
+                        location: location.clone(),
+                        key: key.clone(),
+                        message: format!("image ends early: {e}"),
+                    }))
                 }
-                let mut buf = vec![0u8; ps];
-                n += 1;
-                match image.read_exact(&mut buf) {
-                    Ok(()) => Some(Ok((n, Cow::Owned(buf)))),
-                    Err(e) => {
-                        failed = true;
-                        Some(Err(Error::BadObject {
-                            location: location.clone(),
-                            key: key.clone(),
-                            message: format!("image ends early: {e}"),
-                        }))
-                    }
-                }
-            });
-            let mut next = next;
-            let r = applier.step(None, &mut pages, header.db_pages, &mut |d| {
-                next.digest = d.hex();
-                write_follow_file(&output, &file_at(&at, Some(next.clone())))
-            });
-            let r = r.map(|d| {
-                next.digest = d.hex();
-                next
-            });
-            (applier, r)
-        })
-        .await
-        .map_err(|e| Error::Invalid(format!("follower task failed: {e}")))?;
-        self.applier = Some(applier);
-        let next = result?;
-        self.opts
-            .status
-            .applied(&next.generation, next.position, next.timestamp_ms);
-        self.at = next;
-        Ok(())
+            }
+        });
+        self.run_step(next, None, header.db_pages, pages).await
     }
 
     async fn apply_compacted(

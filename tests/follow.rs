@@ -285,7 +285,12 @@ fn readers_see_only_whole_states_through_switches_and_kills() {
     }
     let w = Replicating::start(&["--config", cfg.to_str().unwrap()]);
     f.wait_for("now following it", Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(2));
+    // Thousands of steps under the readers, however fast this machine is.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while f.log().matches("applied").count() < 1500 {
+        assert!(Instant::now() < deadline, "too few steps:\n{}", f.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     std::fs::write(&stop_writer, "").unwrap();
     let transfers: u64 = finish_py(writer).parse().unwrap();

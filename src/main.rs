@@ -165,6 +165,10 @@ fn main() -> ExitCode {
     walstream::db::configure_sqlite();
     let flags = cli::args::long_flags(&Cli::command());
     let cli = Cli::parse_from(cli::args::normalize(std::env::args_os().collect(), &flags));
+    if matches!(cli.command, Command::Restore { follow: true, .. }) {
+        // Before any thread allocates (see the function).
+        cli::restore::one_malloc_arena();
+    }
     if cli.no_expand_env {
         cli::target::EXPAND_ENV.store(false, std::sync::atomic::Ordering::Relaxed);
     }

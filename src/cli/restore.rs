@@ -141,7 +141,6 @@ async fn run_follow(
     concurrency: usize,
     f: Follow,
 ) -> Result<ExitCode> {
-    one_malloc_arena();
     let stop = Shutdown::new();
     for kind in [SignalKind::terminate(), SignalKind::interrupt()] {
         let mut s = signal(kind).context("cannot install a signal handler")?;
@@ -186,7 +185,8 @@ async fn run_follow(
 /// A follower runs for as long as its node and does one thing at a time;
 /// glibc's default of an allocator arena per thread that ever allocated
 /// (each keeping memory it freed) costs it resident memory for nothing.
-fn one_malloc_arena() {
+/// Called before the runtime's threads exist.
+pub fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator tunables.
     unsafe {

@@ -429,7 +429,28 @@ impl Daemon {
         // `scan_every`, so a burst of new files costs one listing), else
         // only as rarely as an idle database is looked at.
         let (created_tx, mut created) = tokio::sync::mpsc::unbounded_channel();
-        let dir_watch = watch_dirs(&self.settings.dirs, created_tx);
+        let watched: Vec<(&Path, bool)> = self
+            .settings
+            .dirs
+            .iter()
+            .map(|d| (d.dir.as_path(), d.recursive))
+            .collect();
+        let dir_watch = (!watched.is_empty())
+            .then(|| {
+                crate::watch::watch_dirs(&watched, move |ev| {
+                    let renamed = matches!(
+                        ev.kind,
+                        notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
+                    );
+                    if matches!(ev.kind, notify::EventKind::Create(_))
+                        || renamed
+                        || ev.need_rescan()
+                    {
+                        let _ = created_tx.send(());
+                    }
+                })
+            })
+            .flatten();
         let fallback = match &dir_watch {
             Some(_) => scan_every * crate::replicate::IDLE_POLL_FACTOR,
             None => scan_every,
@@ -602,43 +623,6 @@ fn absolute(p: &Path) -> PathBuf {
 /// files (walstream's own restore temporaries among them), are skipped.
 pub fn scan(d: &DirSettings) -> Result<Vec<DbSettings>> {
     scan_new(d, &|_: &Path| false, &mut false)
-}
-
-/// Tells `created` whenever a file or directory is created in (or moved
-/// into) a `dir:` entry. `None` when notifications are unavailable: the
-/// caller polls.
-fn watch_dirs(
-    dirs: &[DirSettings],
-    created: UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    if dirs.is_empty() {
-        return None;
-    }
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            let renamed = matches!(
-                ev.kind,
-                notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
-            );
-            if matches!(ev.kind, notify::EventKind::Create(_)) || renamed || ev.need_rescan() {
-                let _ = created.send(());
-            }
-        }
-    })
-    .ok()?;
-    for d in dirs {
-        let mode = if d.recursive {
-            notify::RecursiveMode::Recursive
-        } else {
-            notify::RecursiveMode::NonRecursive
-        };
-        if let Err(e) = w.watch(&d.dir, mode) {
-            tracing::warn!(dir = %d.dir.display(), error = %e, "file notifications unavailable, scanning every monitor-interval");
-            return None;
-        }
-    }
-    Some(w)
 }
 
 /// `scan`, leaving out the paths `seen` says were looked at before (a

@@ -401,6 +401,14 @@ impl Applier {
     }
 }
 
+/// Opens the copy (reading it whole for its digest) off the runtime.
+async fn open_applier(output: &Path) -> Result<Applier> {
+    let out = output.to_path_buf();
+    tokio::task::spawn_blocking(move || Applier::open(&out))
+        .await
+        .map_err(|e| Error::Invalid(format!("follower task failed: {e}")))?
+}
+
 /// What is followed and where the copy stands.
 struct Follower<'r> {
     replica: &'r Replica,
@@ -417,10 +425,18 @@ struct Follower<'r> {
 pub async fn follow(replica: &Replica, opts: &FollowOptions) -> Result<()> {
     let mut f = Follower::start(replica, opts).await?;
     let wake = Arc::new(tokio::sync::Notify::new());
-    let _watch = opts
-        .watch
-        .as_deref()
-        .and_then(|d| watch_dir(d, wake.clone()));
+    // New objects of a `file://` replica wake the next poll at once.
+    let _watch = opts.watch.as_deref().and_then(|d| {
+        let wake = wake.clone();
+        crate::watch::watch_dirs(&[(d, true)], move |ev| {
+            if matches!(
+                ev.kind,
+                notify::EventKind::Create(_) | notify::EventKind::Modify(_)
+            ) {
+                wake.notify_one();
+            }
+        })
+    });
     let mut missing_since: Option<Instant> = None;
     let mut listed_at = Instant::now();
     loop {
@@ -489,30 +505,6 @@ fn fatal(e: &Error) -> bool {
     )
 }
 
-/// Wakes `wake` on any change under `dir` (new objects of a `file://`
-/// replica). `None` (the caller polls) when notifications are unavailable.
-fn watch_dir(dir: &Path, wake: Arc<tokio::sync::Notify>) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            if matches!(
-                ev.kind,
-                notify::EventKind::Create(_) | notify::EventKind::Modify(_)
-            ) {
-                wake.notify_one();
-            }
-        }
-    })
-    .ok()?;
-    match w.watch(dir, notify::RecursiveMode::Recursive) {
-        Ok(()) => Some(w),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable, polling");
-            None
-        }
-    }
-}
-
 impl<'r> Follower<'r> {
     /// Resumes from the position file if the copy exists, else restores it.
     async fn start(replica: &'r Replica, opts: &'r FollowOptions) -> Result<Follower<'r>> {
@@ -541,10 +533,7 @@ impl<'r> Follower<'r> {
                 location: replica.location(),
             });
         };
-        let out = output.clone();
-        let applier = tokio::task::spawn_blocking(move || Applier::open(&out))
-            .await
-            .map_err(|e| Error::Invalid(format!("follower task failed: {e}")))??;
+        let applier = open_applier(output).await?;
         let at = Point {
             generation,
             next_index,
@@ -553,16 +542,7 @@ impl<'r> Follower<'r> {
             page_size: applier.page_size,
             digest: applier.digest.hex(),
         };
-        write_follow_file(output, &file_at(&at, None))?;
-        tracing::info!(output = %output.display(), generation = %at.generation, next_index, position, "restored; following");
-        opts.status
-            .applied(&at.generation, at.position, at.timestamp_ms);
-        Ok(Follower {
-            replica,
-            opts,
-            applier: Some(applier),
-            at,
-        })
+        Follower::begin(replica, opts, applier, at, "restored; following")
     }
 
     async fn resume(replica: &'r Replica, opts: &'r FollowOptions) -> Result<Follower<'r>> {
@@ -574,10 +554,7 @@ impl<'r> Follower<'r> {
                 follow_file_path(output).display()
             )));
         };
-        let out = output.clone();
-        let applier = tokio::task::spawn_blocking(move || Applier::open(&out))
-            .await
-            .map_err(|e| Error::Invalid(format!("follower task failed: {e}")))??;
+        let applier = open_applier(output).await?;
         let digest = applier.digest.hex();
         let at = if digest == file.at.digest {
             file.at
@@ -600,8 +577,25 @@ impl<'r> Follower<'r> {
                 message: "its page size differs from the follower's position file".into(),
             });
         }
-        write_follow_file(output, &file_at(&at, None))?;
-        tracing::info!(output = %output.display(), generation = %at.generation, next_index = at.next_index, position = at.position, "resuming follow where it stopped");
+        Follower::begin(
+            replica,
+            opts,
+            applier,
+            at,
+            "resuming follow where it stopped",
+        )
+    }
+
+    /// Records the copy at `at` (and nothing in flight) and says so.
+    fn begin(
+        replica: &'r Replica,
+        opts: &'r FollowOptions,
+        applier: Applier,
+        at: Point,
+        what: &str,
+    ) -> Result<Follower<'r>> {
+        write_follow_file(&opts.output, &file_at(&at, None))?;
+        tracing::info!(output = %opts.output.display(), generation = %at.generation, next_index = at.next_index, position = at.position, "{what}");
         opts.status
             .applied(&at.generation, at.position, at.timestamp_ms);
         Ok(Follower {

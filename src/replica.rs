@@ -218,12 +218,7 @@ impl Replica {
         let (header, body) =
             crate::format::decode_file::<SegmentHeader>(segment::MAGIC, "segment", &source)
                 .map_err(corrupt)?;
-        let ps = header.page_size;
-        if !(512..=65536).contains(&ps) || !ps.is_power_of_two() {
-            return Err(corrupt(crate::format::FormatError::Header(format!(
-                "bad page size {ps}"
-            ))));
-        }
+        segment::check_page_size(header.page_size).map_err(corrupt)?;
         if !matches_key(&header) {
             return Err(self.bad(key, "header does not match its key"));
         }

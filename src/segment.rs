@@ -251,6 +251,15 @@ impl SegmentBody {
     }
 }
 
+/// SQLite's page sizes: a power of two from 512 to 65536.
+pub fn check_page_size(ps: u32) -> Result<(), FormatError> {
+    if (512..=65536).contains(&ps) && ps.is_power_of_two() {
+        Ok(())
+    } else {
+        Err(FormatError::Header(format!("bad page size {ps}")))
+    }
+}
+
 /// Decodes and fully verifies a segment.
 pub fn decode(data: &[u8]) -> Result<Segment, FormatError> {
     decode_body(data).map(SegmentBody::into_segment)
@@ -260,10 +269,8 @@ pub fn decode(data: &[u8]) -> Result<Segment, FormatError> {
 pub fn decode_body(data: &[u8]) -> Result<SegmentBody, FormatError> {
     let (header, body): (SegmentHeader, Vec<u8>) =
         format::decode(MAGIC, "segment", data, |h: &SegmentHeader| {
+            check_page_size(h.page_size)?;
             let ps = h.page_size as u64;
-            if !(512..=65536).contains(&ps) || !ps.is_power_of_two() {
-                return Err(FormatError::Header(format!("bad page size {ps}")));
-            }
             h.page_count
                 .checked_mul(ps + 4)
                 .ok_or_else(|| FormatError::Header(format!("page count {}", h.page_count)))

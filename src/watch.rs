@@ -204,6 +204,36 @@ impl Drop for Registration {
     }
 }
 
+/// Calls `on_event` for every event under `dirs` (each with whether to
+/// watch it recursively), on notify's thread. `None` when a directory cannot
+/// be watched (said in a warning): the caller polls. For watching whole
+/// directories (a follower's replica, a daemon's `dir:` entries), where the
+/// per-file routing of [`Watcher`] does not apply.
+pub fn watch_dirs(
+    dirs: &[(&Path, bool)],
+    on_event: impl Fn(&notify::Event) + Send + 'static,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            on_event(&ev);
+        }
+    })
+    .ok()?;
+    for &(dir, recursive) in dirs {
+        let mode = if recursive {
+            notify::RecursiveMode::Recursive
+        } else {
+            notify::RecursiveMode::NonRecursive
+        };
+        if let Err(e) = w.watch(dir, mode) {
+            tracing::warn!(dir = %dir.display(), error = %e, "file notifications unavailable, polling");
+            return None;
+        }
+    }
+    Some(w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -236,6 +236,30 @@ impl S3Storage {
         format!("{}{key}", self.prefix)
     }
 
+    /// A PUT only if the object is absent (`version` `None`: `If-None-Match:
+    /// *`) or still at `version` (`If-Match`).
+    async fn put_conditional(
+        &self,
+        op: &'static str,
+        key: &str,
+        data: Vec<u8>,
+        version: Option<&str>,
+    ) -> Result<Conditional, StorageError> {
+        self.counts.put.fetch_add(1, Ordering::Relaxed);
+        let put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.key(key))
+            .body(ByteStream::from(data));
+        let put = match version {
+            None => put.if_none_match("*"),
+            Some(v) => put.if_match(v),
+        };
+        let out = put.send().await;
+        self.conditional(op, key, out.map(|o| o.e_tag))
+    }
+
     /// A conditional PUT's outcome: 412 (and 409, which S3 answers to a
     /// conditional write racing another) is a conflict, not a failure.
     fn conditional<E>(
@@ -399,17 +423,7 @@ impl Storage for S3Storage {
     }
 
     async fn create_new(&self, key: &str, data: Vec<u8>) -> Result<Conditional, StorageError> {
-        self.counts.put.fetch_add(1, Ordering::Relaxed);
-        let out = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .if_none_match("*")
-            .body(ByteStream::from(data))
-            .send()
-            .await;
-        self.conditional("create", key, out.map(|o| o.e_tag))
+        self.put_conditional("create", key, data, None).await
     }
 
     async fn get_versioned(&self, key: &str) -> Result<(Vec<u8>, Version), StorageError> {
@@ -430,17 +444,8 @@ impl Storage for S3Storage {
         data: Vec<u8>,
         version: &str,
     ) -> Result<Conditional, StorageError> {
-        self.counts.put.fetch_add(1, Ordering::Relaxed);
-        let out = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(self.key(key))
-            .if_match(version)
-            .body(ByteStream::from(data))
-            .send()
-            .await;
-        self.conditional("replace", key, out.map(|o| o.e_tag))
+        self.put_conditional("replace", key, data, Some(version))
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {

@@ -113,6 +113,8 @@ pub struct Daemon {
     scanned: HashSet<PathBuf>,
     /// The periodic log lines (see `report`), ended with the daemon.
     reporter: Option<tokio::task::JoinHandle<()>>,
+    /// Workers that lost a replica's lease say so here (see `Job::run`).
+    lease_lost: (UnboundedSender<String>, UnboundedReceiver<String>),
 }
 
 impl Daemon {
@@ -146,6 +148,7 @@ impl Daemon {
             fds: FdBudget::raised(),
             scanned: HashSet::new(),
             reporter: None,
+            lease_lost: mpsc::unbounded_channel(),
         })
     }
 
@@ -284,6 +287,7 @@ impl Daemon {
             permit: None,
             closed: None,
             leases,
+            lease_lost: self.lease_lost.0.clone(),
         };
         let (done_tx, done) = oneshot::channel();
         let span = tracing::info_span!("replicate", db = %db.path.display());
@@ -472,6 +476,17 @@ impl Daemon {
                 }
                 Some(()) = created.recv() => {
                     next_scan = next_scan.min(tokio::time::Instant::now() + scan_every);
+                    None
+                }
+                Some(why) = self.lease_lost.1.recv() => {
+                    // Another process replicates the database now. Without an
+                    // application to keep running, this one has nothing
+                    // left to do that is safe; with one, it stays (not
+                    // ready) for the application's sake.
+                    if app.is_none() {
+                        tracing::error!(error = %why, "stopping: another process holds a replica's lease");
+                        break 1;
+                    }
                     None
                 }
             };
@@ -709,6 +724,8 @@ struct Job {
     /// Each replica's lease, taken before anything is written to it and
     /// released when the worker ends.
     leases: Vec<Arc<Lease>>,
+    /// Told when a lease is lost (the worker has ended then).
+    lease_lost: UnboundedSender<String>,
 }
 
 impl Job {
@@ -736,8 +753,44 @@ impl Job {
                 return self.all_err(&e);
             }
         }
+        // A lost lease ends the worker at once: its database is closed
+        // (no read lock, no checkpoints of its own) and nothing more is
+        // written (its storage refuses already, see `Leased`).
+        let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
+        let watches: Vec<_> = self
+            .leases
+            .iter()
+            .enumerate()
+            .map(|(i, lease)| {
+                let (lease, tx) = (lease.clone(), lost_tx.clone());
+                tokio::spawn(async move {
+                    let why = lease.lost().await;
+                    let _ = tx.send((i, why));
+                })
+            })
+            .collect();
         let leases = self.leases.clone();
-        let outcome = self.replicate(control).await;
+        let statuses: Vec<_> = self.replicas.iter().map(|r| r.1.clone()).collect();
+        let names: Vec<_> = self.replicas.iter().map(|r| r.3.clone()).collect();
+        let lease_lost = self.lease_lost.clone();
+        let outcome = tokio::select! {
+            outcome = self.replicate(control) => outcome,
+            Some((i, why)) = lost_rx.recv() => {
+                for (j, status) in statuses.iter().enumerate() {
+                    status.set_state(if j == i { State::LeaseLost } else { State::Failing });
+                }
+                let e = Error::Invalid(format!(
+                    "lost the lease of replica {}: {why}; this process stopped replicating the database",
+                    names[i]
+                ));
+                tracing::error!(error = %e, "stopped replicating this database");
+                let _ = lease_lost.send(e.to_string());
+                statuses.iter().map(|_| Err(Error::Invalid(e.to_string()))).collect()
+            }
+        };
+        for w in watches {
+            w.abort();
+        }
         for lease in leases {
             lease.release().await;
         }

@@ -136,7 +136,8 @@ pub struct Lease {
     holder: Holder,
     opts: LeaseOptions,
     held: Mutex<Held>,
-    lost: std::sync::atomic::AtomicBool,
+    /// Why this process lost the lease, once it has: for good.
+    lost: tokio::sync::watch::Sender<Option<String>>,
     acquired: tokio::sync::watch::Sender<bool>,
 }
 
@@ -168,14 +169,14 @@ impl Lease {
             holder,
             opts,
             held: Mutex::new(Held::Not),
-            lost: Default::default(),
+            lost: tokio::sync::watch::Sender::new(None),
             acquired: tokio::sync::watch::Sender::new(false),
         })
     }
 
     /// Whether this process may write the replica now.
     pub fn valid(&self) -> bool {
-        if self.lost.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.lost.borrow().is_some() {
             return false;
         }
         match &*self.held.lock().unwrap() {
@@ -196,6 +197,43 @@ impl Lease {
 
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// Whether every object is to be created only where none is (a lease
+    /// is held, by lock file or object): a process that lost its lease
+    /// then cannot overwrite what the next holder wrote, however late it
+    /// wakes up.
+    fn exclusive(&self) -> bool {
+        matches!(
+            &*self.held.lock().unwrap(),
+            Held::Lock(_) | Held::Object { .. }
+        )
+    }
+
+    /// Gives the lease up for good: another process holds it (`why` says
+    /// how this one knows). Nothing more is written under it.
+    pub fn lose(&self, why: String) {
+        let first = self.lost.send_if_modified(|lost| {
+            if lost.is_some() {
+                return false;
+            }
+            *lost = Some(why.clone());
+            true
+        });
+        if first {
+            tracing::error!(replica = %self.location, reason = %why, "lost the replica's lease: writing nothing more to this replica");
+        }
+    }
+
+    /// Resolves, with the reason, once the lease is lost.
+    pub async fn lost(&self) -> String {
+        let mut rx = self.lost.subscribe();
+        let why = rx.wait_for(|l| l.is_some()).await.ok().map(|l| l.clone());
+        match why.flatten() {
+            Some(why) => why,
+            // The lease is gone with its sender: never lost.
+            None => std::future::pending().await,
+        }
     }
 
     /// Resolves once the lease is held.
@@ -439,9 +477,8 @@ impl Lease {
                 }
                 Ok(Conditional::Conflict) if self.still_mine(&record, sent).await => {}
                 Ok(Conditional::Conflict) => {
-                    self.lost.store(true, std::sync::atomic::Ordering::SeqCst);
                     let now = self.holder_now().await;
-                    tracing::error!(replica = %self.location, holder = %now, "lost the replica's lease: another process took it over; writing nothing more to this replica");
+                    self.lose(format!("{now} took it over"));
                     return;
                 }
                 Err(e) => {
@@ -483,8 +520,7 @@ impl Lease {
     pub async fn release(&self) {
         let held = std::mem::replace(&mut *self.held.lock().unwrap(), Held::Not);
         match held {
-            Held::Object { version, epoch, .. }
-                if !self.lost.load(std::sync::atomic::Ordering::SeqCst) =>
+            Held::Object { version, epoch, .. } if self.lost.borrow().is_none() =>
             {
                 let record = Record {
                     holder: self.holder.clone(),
@@ -541,13 +577,63 @@ impl Leased {
             message: "this process does not hold the replica's lease (not yet, lapsed or taken over): not written".into(),
         })
     }
+
+    /// An exclusive create found an object at `key`. The same bytes are
+    /// this process's own earlier attempt (a retried request whose first
+    /// try arrived); anything else was written by another process, so this
+    /// one no longer owns the replica.
+    async fn found(&self, key: &str, digest: (u64, [u8; 32])) -> Result<(), StorageError> {
+        // Into a file: the object may be a snapshot of any size.
+        let tmp = tempfile::NamedTempFile::new().map_err(|source| StorageError::Io {
+            op: "make a temporary file to compare",
+            location: self.inner.location(),
+            key: key.to_string(),
+            source,
+        })?;
+        self.inner.get_file(key, tmp.path()).await?;
+        let p = tmp.path().to_path_buf();
+        let there = tokio::task::spawn_blocking(move || sha_file(&p))
+            .await
+            .expect("hash task");
+        if there.is_ok_and(|t| t == digest) {
+            return Ok(());
+        }
+        self.lease.lose(format!(
+            "object {key} was written by another process"
+        ));
+        Err(StorageError::Backend {
+            op: "create",
+            location: self.inner.location(),
+            key: key.to_string(),
+            message: "another process wrote this object: this process lost the replica's lease and writes nothing more".into(),
+        })
+    }
+}
+
+fn sha(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+fn sha_file(path: &std::path::Path) -> std::io::Result<(u64, [u8; 32])> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let n = std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok((n, h.finalize().into()))
 }
 
 #[async_trait::async_trait]
 impl crate::storage::Storage for Leased {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
         self.check("put", key)?;
-        self.inner.put(key, data).await
+        if !self.lease.exclusive() {
+            return self.inner.put(key, data).await;
+        }
+        let digest = (data.len() as u64, sha(&data));
+        match self.inner.create_new(key, data).await? {
+            Conditional::Done(_) => Ok(()),
+            Conditional::Conflict => self.found(key, digest).await,
+        }
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
@@ -569,7 +655,25 @@ impl crate::storage::Storage for Leased {
 
     async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<(), StorageError> {
         self.check("put", key)?;
-        self.inner.put_file(key, path).await
+        if !self.lease.exclusive() {
+            return self.inner.put_file(key, path).await;
+        }
+        match self.inner.create_new_file(key, path).await? {
+            Conditional::Done(_) => Ok(()),
+            Conditional::Conflict => {
+                let p = path.to_path_buf();
+                let digest = tokio::task::spawn_blocking(move || sha_file(&p))
+                    .await
+                    .expect("hash task")
+                    .map_err(|source| StorageError::Io {
+                        op: "read upload source for",
+                        location: self.inner.location(),
+                        key: key.to_string(),
+                        source,
+                    })?;
+                self.found(key, digest).await
+            }
+        }
     }
 
     fn local_path(&self, key: &str) -> Option<PathBuf> {

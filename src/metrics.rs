@@ -81,6 +81,9 @@ pub enum State {
     /// Everything committed is shipped and nothing was written since: the
     /// next write wakes it (the lag is zero until then).
     Idle = 4,
+    /// Another process took the replica's lease: this one writes nothing
+    /// more to it (see `lease`).
+    LeaseLost = 5,
 }
 
 /// One (database, replica) pair's metrics and state.
@@ -430,6 +433,7 @@ impl State {
             State::Replicating => "replicating",
             State::Failing => "failing",
             State::Idle => "idle",
+            State::LeaseLost => "lease lost",
         }
     }
 }
@@ -474,6 +478,7 @@ impl ReplicaStatus {
             2 => State::Replicating,
             3 => State::Failing,
             4 => State::Idle,
+            5 => State::LeaseLost,
             _ => State::Starting,
         }
     }
@@ -580,6 +585,9 @@ impl ReplicaStatus {
         let who = format!("{} -> {}", self.db, self.replica);
         match self.state() {
             State::Waiting | State::Idle => None,
+            State::LeaseLost => Some(format!(
+                "{who}: lost the replica's lease to another process; writing nothing more"
+            )),
             State::Starting if self.synced_at_ms.load(Ordering::Relaxed) == 0 => {
                 Some(format!("{who}: starting"))
             }

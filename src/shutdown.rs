@@ -179,6 +179,15 @@ impl Storage for Bounded {
             .await
     }
 
+    async fn create_new_file(
+        &self,
+        key: &str,
+        path: &Path,
+    ) -> Result<crate::storage::Conditional, StorageError> {
+        self.bound("create", key, self.inner.create_new_file(key, path))
+            .await
+    }
+
     async fn get_versioned(
         &self,
         key: &str,

@@ -10,7 +10,17 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{ObjectMeta, Storage, StorageError};
+use super::{Conditional, ObjectMeta, Storage, StorageError};
+
+/// Directory objects have no versions: an exclusive create either made the
+/// file or found one.
+fn created(done: bool) -> Conditional {
+    if done {
+        Conditional::Done(String::new())
+    } else {
+        Conditional::Conflict
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct FileStorage {
@@ -60,7 +70,10 @@ enum Source<'a> {
     File(&'a Path),
 }
 
-fn put_blocking(path: &Path, data: Source<'_>) -> std::io::Result<()> {
+/// Writes the object through a temporary file. `exclusive`: only if no
+/// object is there (a hard link, which fails when the name exists, instead
+/// of a rename, which replaces it); returns whether it was written.
+fn put_blocking(path: &Path, data: Source<'_>, exclusive: bool) -> std::io::Result<bool> {
     let dir = path.parent().expect("object path has a parent");
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().unwrap().to_string_lossy();
@@ -74,13 +87,30 @@ fn put_blocking(path: &Path, data: Source<'_>) -> std::io::Result<()> {
             }
         }
         f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        if exclusive {
+            match std::fs::hard_link(&tmp, path) {
+                Ok(()) => std::fs::remove_file(&tmp)?,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    std::fs::remove_file(&tmp)?;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            std::fs::rename(&tmp, path)?;
+        }
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(true)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+fn mtime_ms(m: &std::fs::Metadata) -> Option<i64> {
+    let t = m.modified().ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64)
 }
 
 fn list_blocking(root: &Path, prefix: &str) -> std::io::Result<Vec<ObjectMeta>> {
@@ -132,9 +162,11 @@ fn list_blocking(root: &Path, prefix: &str) -> std::io::Result<Vec<ObjectMeta>> 
                     stack.push(path);
                 }
             } else if ft.is_file() && key.starts_with(prefix) {
+                let m = entry.metadata()?;
                 out.push(ObjectMeta {
                     key,
-                    size: entry.metadata()?.len(),
+                    size: m.len(),
+                    modified_ms: mtime_ms(&m),
                 });
             }
         }
@@ -147,10 +179,30 @@ fn list_blocking(root: &Path, prefix: &str) -> std::io::Result<Vec<ObjectMeta>> 
 impl Storage for FileStorage {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
         let path = self.path(key)?;
-        tokio::task::spawn_blocking(move || put_blocking(&path, Source::Bytes(&data)))
+        tokio::task::spawn_blocking(move || put_blocking(&path, Source::Bytes(&data), false))
             .await
             .expect("put task")
+            .map(|_| ())
             .map_err(|e| self.io("put", key, e))
+    }
+
+    async fn create_new(&self, key: &str, data: Vec<u8>) -> Result<Conditional, StorageError> {
+        let path = self.path(key)?;
+        tokio::task::spawn_blocking(move || put_blocking(&path, Source::Bytes(&data), true))
+            .await
+            .expect("put task")
+            .map(created)
+            .map_err(|e| self.io("create", key, e))
+    }
+
+    async fn create_new_file(&self, key: &str, src: &Path) -> Result<Conditional, StorageError> {
+        let path = self.path(key)?;
+        let src = src.to_path_buf();
+        tokio::task::spawn_blocking(move || put_blocking(&path, Source::File(&src), true))
+            .await
+            .expect("put task")
+            .map(created)
+            .map_err(|e| self.io("create", key, e))
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
@@ -185,9 +237,10 @@ impl Storage for FileStorage {
     async fn put_file(&self, key: &str, src: &Path) -> Result<(), StorageError> {
         let path = self.path(key)?;
         let src = src.to_path_buf();
-        tokio::task::spawn_blocking(move || put_blocking(&path, Source::File(&src)))
+        tokio::task::spawn_blocking(move || put_blocking(&path, Source::File(&src), false))
             .await
             .expect("put task")
+            .map(|_| ())
             .map_err(|e| self.io("put", key, e))
     }
 

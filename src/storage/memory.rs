@@ -92,6 +92,7 @@ impl Storage for MemoryStorage {
             .map(|(k, v)| ObjectMeta {
                 key: k.clone(),
                 size: v.len() as u64,
+                modified_ms: None,
             })
             .collect())
     }

@@ -12,10 +12,12 @@
 //! * `list` is recursive, sorted by key, and never shows temporary objects.
 //! * `delete` of a missing key succeeds.
 //!
-//! Leases (`lease`) need three more, conditional on an object's version,
-//! which a backend may not offer (then `StorageError::Unsupported`):
-//! `create_new` (only if absent), `get_versioned`, and `replace_if` (only
-//! if unchanged since that version).
+//! Leases (`lease`) need more, conditional on an object's version, which a
+//! backend may not offer (then `StorageError::Unsupported`): `create_new`
+//! and `create_new_file` (only if absent: a lease holder creates every
+//! object this way, so a process that lost its lease cannot overwrite what
+//! the next holder wrote), `get_versioned`, and `replace_if` (only if
+//! unchanged since that version).
 
 pub mod file;
 pub mod memory;
@@ -39,6 +41,11 @@ pub use s3::S3Storage;
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the storage last wrote the object, by the storage's own clock
+    /// (a file's mtime, set by the kernel; S3's `LastModified`, set by the
+    /// server), in ms since the epoch. Retention measures age with it, so a
+    /// writer whose clock is off cannot make recent objects look old.
+    pub modified_ms: Option<i64>,
 }
 
 /// Errors from a storage backend. Every variant names the object or location.
@@ -126,6 +133,19 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Stores `data` under `key` only if no object is there.
     async fn create_new(&self, key: &str, _data: Vec<u8>) -> Result<Conditional, StorageError> {
         Err(self.unsupported("create", key))
+    }
+
+    /// Stores the file at `path` under `key` only if no object is there.
+    async fn create_new_file(&self, key: &str, path: &Path) -> Result<Conditional, StorageError> {
+        let data = tokio::fs::read(path)
+            .await
+            .map_err(|source| StorageError::Io {
+                op: "read upload source for",
+                location: self.location(),
+                key: key.to_string(),
+                source,
+            })?;
+        self.create_new(key, data).await
     }
 
     /// The object and its version.

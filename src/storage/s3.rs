@@ -245,12 +245,18 @@ impl S3Storage {
         data: Vec<u8>,
         version: Option<&str>,
     ) -> Result<Conditional, StorageError> {
+        if version.is_none() && data.len() > self.part_size {
+            return self.put_multipart(key, data, true).await;
+        }
         self.counts.put.fetch_add(1, Ordering::Relaxed);
         let put = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(self.key(key))
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone())
+            .set_storage_class(self.storage_class.clone())
             .body(ByteStream::from(data));
         let put = match version {
             None => put.if_none_match("*"),
@@ -304,11 +310,17 @@ impl S3Storage {
         }
     }
 
-    /// Multipart upload of an object already in memory.
-    async fn put_multipart(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
+    /// Multipart upload of an object already in memory (`exclusive`: only
+    /// if no object is there, `If-None-Match: *` on its completion).
+    async fn put_multipart(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        exclusive: bool,
+    ) -> Result<Conditional, StorageError> {
         let part_size = self.part_size;
         let mut offset = 0;
-        self.put_parts(key, move || {
+        self.put_parts(key, exclusive, move || {
             let end = (offset + part_size).min(data.len());
             let part = (offset < end).then(|| data[offset..end].to_vec());
             offset = end;
@@ -322,8 +334,9 @@ impl S3Storage {
     async fn put_parts(
         &self,
         key: &str,
+        exclusive: bool,
         mut next_part: impl FnMut() -> std::io::Result<Option<Vec<u8>>> + Send,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Conditional, StorageError> {
         let full = self.key(key);
         self.counts.put.fetch_add(1, Ordering::Relaxed);
         let mut create = self
@@ -367,7 +380,8 @@ impl S3Storage {
                 );
             }
             self.counts.put.fetch_add(1, Ordering::Relaxed);
-            self.client
+            let complete = self
+                .client
                 .complete_multipart_upload()
                 .bucket(&self.bucket)
                 .key(&full)
@@ -376,14 +390,20 @@ impl S3Storage {
                     CompletedMultipartUpload::builder()
                         .set_parts(Some(parts))
                         .build(),
-                )
-                .send()
-                .await
-                .map_err(|e| self.err("complete upload of", key, e))?;
-            Ok(())
+                );
+            if exclusive {
+                let out = complete.if_none_match("*").send().await;
+                self.conditional("complete upload of", key, out.map(|o| o.e_tag))
+            } else {
+                complete
+                    .send()
+                    .await
+                    .map(|o| Conditional::Done(o.e_tag.unwrap_or_default()))
+                    .map_err(|e| self.err("complete upload of", key, e))
+            }
         }
         .await;
-        if result.is_err() {
+        if !matches!(result, Ok(Conditional::Done(_))) {
             self.counts.delete.fetch_add(1, Ordering::Relaxed);
             let _ = self
                 .client
@@ -405,7 +425,7 @@ const BODY_ATTEMPTS: u32 = 4;
 impl Storage for S3Storage {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
         if data.len() > self.part_size {
-            return self.put_multipart(key, data).await;
+            return self.put_multipart(key, data, false).await.map(|_| ());
         }
         self.counts.put.fetch_add(1, Ordering::Relaxed);
         self.client
@@ -496,6 +516,7 @@ impl Storage for S3Storage {
                 out.push(ObjectMeta {
                     key: rel.to_string(),
                     size: obj.size().unwrap_or(0).max(0) as u64,
+                    modified_ms: obj.last_modified().and_then(|t| t.to_millis().ok()),
                 });
             }
             match page.next_continuation_token() {
@@ -524,6 +545,26 @@ impl Storage for S3Storage {
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        self.upload_file(key, path, false).await.map(|_| ())
+    }
+
+    async fn create_new_file(&self, key: &str, path: &Path) -> Result<Conditional, StorageError> {
+        self.upload_file(key, path, true).await
+    }
+
+    async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
+        self.download_file(key, path).await
+    }
+}
+
+impl S3Storage {
+    /// Uploads a file, streaming it in parts when large.
+    async fn upload_file(
+        &self,
+        key: &str,
+        path: &Path,
+        exclusive: bool,
+    ) -> Result<Conditional, StorageError> {
         let io = |source| StorageError::Io {
             op: "read upload source for",
             location: self.location.clone(),
@@ -533,11 +574,14 @@ impl Storage for S3Storage {
         let size = std::fs::metadata(path).map_err(io)?.len();
         if size <= self.part_size as u64 {
             let data = std::fs::read(path).map_err(io)?;
-            return self.put(key, data).await;
+            if exclusive {
+                return self.create_new(key, data).await;
+            }
+            return self.put(key, data).await.map(|()| Conditional::Done(String::new()));
         }
         let mut file = std::fs::File::open(path).map_err(io)?;
         let part_size = self.part_size;
-        self.put_parts(key, move || {
+        self.put_parts(key, exclusive, move || {
             let mut buf = Vec::with_capacity(part_size);
             (&mut file).take(part_size as u64).read_to_end(&mut buf)?;
             Ok((!buf.is_empty()).then_some(buf))
@@ -545,7 +589,7 @@ impl Storage for S3Storage {
         .await
     }
 
-    async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
+    async fn download_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
         let io = |source| StorageError::Io {
             op: "download",
             location: self.location.clone(),

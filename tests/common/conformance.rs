@@ -2,7 +2,7 @@
 //! run against every backend: memory and directory in `tests/storage.rs`,
 //! S3 (s3s-fs and moto) in `tests/s3.rs`. Compiled for the tests only.
 
-use walstream::storage::{Storage, StorageError};
+use walstream::storage::{Conditional, Storage, StorageError};
 
 /// Runs every check against `s`, which must be empty. Panics on violation.
 pub async fn run(s: &dyn Storage) {
@@ -88,6 +88,43 @@ pub async fn run(s: &dyn Storage) {
         .unwrap_err()
         .is_not_found());
     s.delete("files/big").await.unwrap();
+
+    // Exclusive creation, of bytes and of files (large ones in parts): the
+    // first wins, a second finds the object and changes nothing. Every
+    // object a lease holder writes is created this way.
+    assert!(matches!(
+        s.create_new("excl/a", b"first".to_vec()).await.unwrap(),
+        Conditional::Done(_)
+    ));
+    assert_eq!(
+        s.create_new("excl/a", b"second".to_vec()).await.unwrap(),
+        Conditional::Conflict
+    );
+    assert_eq!(s.get("excl/a").await.unwrap(), b"first");
+    assert!(matches!(
+        s.create_new_file("excl/big", &src).await.unwrap(),
+        Conditional::Done(_)
+    ));
+    std::fs::write(&src, b"small").unwrap();
+    assert_eq!(
+        s.create_new_file("excl/big", &src).await.unwrap(),
+        Conditional::Conflict
+    );
+    assert!(
+        s.get("excl/big").await.unwrap() == big,
+        "a refused exclusive create changed the object"
+    );
+    let listed = s.list("excl/").await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    if let Some(t) = listed[0].modified_ms {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!((now - t).abs() < 60_000, "modified {t}, now {now}");
+    }
+    s.delete("excl/a").await.unwrap();
+    s.delete("excl/big").await.unwrap();
 
     // Many keys (more than one S3 list page).
     for i in 0..1100 {

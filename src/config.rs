@@ -139,6 +139,9 @@ pub struct DbConfig {
     pub busy_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     pub snapshot_interval: Option<Duration>,
+    /// Make this database its replicas' new state even where it is behind
+    /// them (see `lineage`).
+    pub takeover: Option<bool>,
 }
 
 /// `lease:` of a replica (see `lease`).
@@ -271,6 +274,9 @@ pub struct DbSettings {
     pub max_checkpoint_page_count: u64,
     pub snapshot_interval: Duration,
     pub busy_timeout: Duration,
+    /// Start new generations from this database even where it is behind
+    /// its replica (`--takeover`, `takeover: true`).
+    pub takeover: bool,
 }
 
 impl DbSettings {
@@ -284,6 +290,7 @@ impl DbSettings {
             max_checkpoint_page_count: defaults::MAX_CHECKPOINT_PAGE_COUNT,
             snapshot_interval: defaults::SNAPSHOT_INTERVAL,
             busy_timeout: defaults::BUSY_TIMEOUT,
+            takeover: false,
         }
     }
 }
@@ -559,6 +566,9 @@ impl Config {
             }
             if let Some(v) = db.busy_timeout {
                 s.busy_timeout = v;
+            }
+            if let Some(v) = db.takeover {
+                s.takeover = v;
             }
             if s.max_checkpoint_page_count < s.min_checkpoint_page_count {
                 return Err(invalid(format!(

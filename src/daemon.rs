@@ -288,6 +288,7 @@ impl Daemon {
             closed: None,
             leases,
             lease_lost: self.lease_lost.0.clone(),
+            takeover: db.takeover,
         };
         let (done_tx, done) = oneshot::channel();
         let span = tracing::info_span!("replicate", db = %db.path.display());
@@ -539,9 +540,17 @@ async fn maintain(
     .unwrap_or(rs.retention_check_interval);
     let start = tokio::time::Instant::now();
     let (mut compacted, mut pruned, mut validated) = (start, start, start);
+    let mut clock = crate::retention::ClockWatch::default();
     loop {
         tokio::time::sleep(every).await;
         let now_ms = chrono::Utc::now().timestamp_millis();
+        if let Some(jump) = clock.jumped(rs.retention) {
+            tracing::warn!(
+                jump_s = jump / 1000,
+                retention = %humantime::format_duration(rs.retention),
+                "the system clock jumped by more than the retention window: retention goes by the storage's clock and is not misled, but times in new object keys (and so --timestamp restores) follow this host's clock"
+            );
+        }
         if compact_every.is_some_and(|c| compacted.elapsed() >= c) {
             compacted = tokio::time::Instant::now();
             match crate::compact::compact(&replica, &levels, now_ms).await {
@@ -726,6 +735,8 @@ struct Job {
     leases: Vec<Arc<Lease>>,
     /// Told when a lease is lost (the worker has ended then).
     lease_lost: UnboundedSender<String>,
+    /// `--takeover` (see `lineage`).
+    takeover: bool,
 }
 
 impl Job {
@@ -944,12 +955,15 @@ impl Job {
             }
         }
         let (opts, rt) = (self.opts.clone(), self.rt.clone());
+        let takeover = self.takeover;
+        let epochs: Vec<Option<u64>> = self.leases.iter().map(|l| l.epoch()).collect();
         let started = match self.closed.take() {
             // Closed while idle: the replicas go on from their state.
             Some((shippers, closed)) => {
                 blocking(move || {
                     let (source, continues) = Source::reopen(opts, &closed)?;
-                    let mut r = Replicator::new(source, shippers, rt);
+                    let mut r =
+                        Replicator::new(source, shippers, rt).with_lineage(takeover, epochs);
                     r.reopened(continues).map(|()| r)
                 })
                 .await
@@ -968,7 +982,8 @@ impl Job {
                     .collect();
                 blocking(move || {
                     let source = Source::open(opts)?;
-                    let mut r = Replicator::new(source, shippers, rt);
+                    let mut r =
+                        Replicator::new(source, shippers, rt).with_lineage(takeover, epochs);
                     r.start().map(|()| r)
                 })
                 .await

@@ -7,8 +7,14 @@
 //! walstream was down, a restored file) it starts a new generation rather than
 //! risk a replica that restores to a state the database never had.
 //!
-//! Generation ids are 20 hex digits: the start time in milliseconds (12 digits)
-//! followed by 8 random digits, so sorting ids sorts generations by start time.
+//! Generation ids are 20 hex digits: 12 of milliseconds followed by 8
+//! random ones, so sorting ids sorts generations. The milliseconds are the
+//! start time, except that a new id is always greater than every id its
+//! writer saw in the replica (a hybrid logical clock): sorting ids sorts
+//! generations by lineage, whatever the writers' clocks said. A writer two
+//! hours behind still makes the newest generation; one two hours ahead
+//! pushes the ids after it two hours ahead too, but never reorders them.
+//! Replicas written before this rule sort by start time, as they did.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -110,10 +116,19 @@ pub mod layout {
 
 /// Creates a new generation id for a generation starting now.
 pub fn new_id() -> String {
-    let millis = Utc::now().timestamp_millis().max(0) as u64;
+    new_id_after(None)
+}
+
+/// A new generation id greater than `newest` (the newest id in the
+/// replica), whatever this host's clock says.
+pub fn new_id_after(newest: Option<&str>) -> String {
+    let now = Utc::now().timestamp_millis().max(0) as u64;
+    let after = newest
+        .and_then(|id| u64::from_str_radix(id.get(0..12)?, 16).ok())
+        .map_or(0, |ms| ms + 1);
     format!(
         "{:012x}{:08x}",
-        millis & 0xffff_ffff_ffff,
+        now.max(after) & 0xffff_ffff_ffff,
         rand::random::<u32>()
     )
 }
@@ -147,9 +162,19 @@ pub struct Manifest {
     /// generation (of the replica it followed) and the point it had reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follows: Option<Lineage>,
+    /// The replica's newest generation when this one started (its end):
+    /// the history this generation continues. `None` in a replica's first
+    /// generation and in generations written before lineage was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Lineage>,
+    /// The epoch of the lease this generation was written under (object
+    /// leases; directory leases have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
-/// Where a promoted follower's copy came from.
+/// A point in another generation: where a promoted follower's copy came
+/// from, or the end of the generation a new one continues.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Lineage {
     pub generation: String,
@@ -175,6 +200,14 @@ mod tests {
         let b = new_id();
         assert!(is_valid_id(&a) && is_valid_id(&b));
         assert!(a[..12] < b[..12]);
+        // After an id from a clock two hours ahead: still after it.
+        let ahead = format!(
+            "{:012x}00000000",
+            id_time(&b).unwrap().timestamp_millis() + 7_200_000
+        );
+        let c = new_id_after(Some(&ahead));
+        assert!(c > ahead && is_valid_id(&c));
+
         let t = id_time(&a).unwrap();
         assert!((Utc::now() - t).num_seconds().abs() < 5);
         assert_eq!(

@@ -520,8 +520,7 @@ impl Lease {
     pub async fn release(&self) {
         let held = std::mem::replace(&mut *self.held.lock().unwrap(), Held::Not);
         match held {
-            Held::Object { version, epoch, .. } if self.lost.borrow().is_none() =>
-            {
+            Held::Object { version, epoch, .. } if self.lost.borrow().is_none() => {
                 let record = Record {
                     holder: self.holder.clone(),
                     epoch,
@@ -598,9 +597,8 @@ impl Leased {
         if there.is_ok_and(|t| t == digest) {
             return Ok(());
         }
-        self.lease.lose(format!(
-            "object {key} was written by another process"
-        ));
+        self.lease
+            .lose(format!("object {key} was written by another process"));
         Err(StorageError::Backend {
             op: "create",
             location: self.inner.location(),

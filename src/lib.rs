@@ -34,6 +34,7 @@ pub mod follow;
 pub mod format;
 pub mod generation;
 pub mod lease;
+pub mod lineage;
 pub mod metrics;
 pub mod replica;
 pub mod replicate;

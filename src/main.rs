@@ -63,6 +63,11 @@ enum Command {
         /// default; overrides `shutdown-timeout` in the config).
         #[arg(long, value_parser = parse_duration_arg)]
         shutdown_timeout: Option<Duration>,
+        /// Make the database its replicas' new state even where it is
+        /// behind them (an older copy than the replica's newest generation):
+        /// without it, such a database is refused.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Restore a database from a replica.
     Restore {
@@ -181,12 +186,14 @@ fn main() -> ExitCode {
             replicas,
             exec,
             shutdown_timeout,
+            takeover,
         } => match cli::replicate::replicate_settings(
             config.as_deref(),
             db.clone(),
             replicas,
             exec.clone(),
             *shutdown_timeout,
+            *takeover,
         ) {
             Ok(s) => Some(s),
             Err(e) => return fail(e),

@@ -62,47 +62,24 @@ impl Replica {
     /// the replication hot path.
     pub async fn generations(&self) -> Result<Vec<GenerationListing>> {
         let objects = self.storage.list(layout::GENERATIONS).await?;
-        let mut gens: BTreeMap<String, GenerationListing> = BTreeMap::new();
-        for obj in objects {
-            let Some(id) = layout::generation_of(&obj.key) else {
-                continue;
-            };
-            let g = gens
-                .entry(id.to_string())
-                .or_insert_with(|| GenerationListing {
-                    id: id.to_string(),
-                    ..Default::default()
-                });
-            if obj.key == layout::manifest(id) {
-                g.has_manifest = true;
-            } else if obj.key.starts_with(&layout::snapshots_dir(id)) {
-                if let Some((index, ms)) = layout::parse_snapshot(&obj.key) {
-                    g.snapshots.push((index, ms, obj.size));
-                }
-            } else if obj.key.starts_with(&layout::segments_dir(id)) {
-                if let Some(index) = layout::parse_index(&obj.key, "segment") {
-                    g.segments.push((index, obj.size));
-                }
-            } else if obj.key.starts_with(&layout::compacted_dir(id)) {
-                if let Some((level, first, last, timestamp_ms)) = layout::parse_compacted(&obj.key)
-                {
-                    g.compacted.push(Compacted {
-                        level,
-                        first,
-                        last,
-                        timestamp_ms,
-                        size: obj.size,
-                    });
-                }
-            }
-        }
-        let mut out: Vec<_> = gens.into_values().collect();
-        for g in &mut out {
-            g.snapshots.sort();
-            g.segments.sort();
-            g.compacted.sort();
-        }
-        Ok(out)
+        Ok(listing(objects))
+    }
+
+    /// The generations, and when the storage wrote each object of the
+    /// replica (by its own clock; empty where the backend does not say).
+    /// One LIST of the whole replica, the lease included.
+    pub async fn generations_stored(
+        &self,
+    ) -> Result<(
+        Vec<GenerationListing>,
+        std::collections::HashMap<String, i64>,
+    )> {
+        let objects = self.storage.list("").await?;
+        let stored = objects
+            .iter()
+            .filter_map(|o| Some((o.key.clone(), o.modified_ms?)))
+            .collect();
+        Ok((listing(objects), stored))
     }
 
     pub async fn put_manifest(&self, m: &Manifest) -> Result<()> {
@@ -335,4 +312,48 @@ impl Replica {
             message: message.to_string(),
         }
     }
+}
+
+/// Groups listed objects by generation, oldest generation first.
+fn listing(objects: Vec<crate::storage::ObjectMeta>) -> Vec<GenerationListing> {
+    let mut gens: BTreeMap<String, GenerationListing> = BTreeMap::new();
+    for obj in objects {
+        let Some(id) = layout::generation_of(&obj.key) else {
+            continue;
+        };
+        let g = gens
+            .entry(id.to_string())
+            .or_insert_with(|| GenerationListing {
+                id: id.to_string(),
+                ..Default::default()
+            });
+        if obj.key == layout::manifest(id) {
+            g.has_manifest = true;
+        } else if obj.key.starts_with(&layout::snapshots_dir(id)) {
+            if let Some((index, ms)) = layout::parse_snapshot(&obj.key) {
+                g.snapshots.push((index, ms, obj.size));
+            }
+        } else if obj.key.starts_with(&layout::segments_dir(id)) {
+            if let Some(index) = layout::parse_index(&obj.key, "segment") {
+                g.segments.push((index, obj.size));
+            }
+        } else if obj.key.starts_with(&layout::compacted_dir(id)) {
+            if let Some((level, first, last, timestamp_ms)) = layout::parse_compacted(&obj.key) {
+                g.compacted.push(Compacted {
+                    level,
+                    first,
+                    last,
+                    timestamp_ms,
+                    size: obj.size,
+                });
+            }
+        }
+    }
+    let mut out: Vec<_> = gens.into_values().collect();
+    for g in &mut out {
+        g.snapshots.sort();
+        g.segments.sort();
+        g.compacted.sort();
+    }
+    out
 }

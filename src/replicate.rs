@@ -92,15 +92,65 @@ pub struct Replicator {
     source: Source,
     shippers: Vec<Shipper>,
     rt: Handle,
+    /// Where the database stands in each replica (see `lineage`).
+    lineage: crate::lineage::Recorder,
+    /// Start new generations even where the database is behind its
+    /// replica (`--takeover`).
+    takeover: bool,
+    /// Each replica's lease epoch, recorded in new generations.
+    epochs: Vec<Option<u64>>,
 }
 
 impl Replicator {
     pub fn new(source: Source, shippers: Vec<Shipper>, rt: Handle) -> Replicator {
+        let lineage = crate::lineage::Recorder::open(source.db());
         Replicator {
             source,
             shippers,
             rt,
+            lineage,
+            takeover: false,
+            epochs: Vec::new(),
         }
+    }
+
+    /// `takeover`: this database is the replicas' new state even where it
+    /// is behind them; `epochs`: each replica's lease epoch.
+    pub fn with_lineage(mut self, takeover: bool, epochs: Vec<Option<u64>>) -> Replicator {
+        self.takeover = takeover;
+        self.epochs = epochs;
+        self
+    }
+
+    /// Records that the database holds replica `i`'s history up to `mark`.
+    /// A failure to write the record is logged, not fatal: at worst a later
+    /// start asks for `--takeover`.
+    fn record(&mut self, i: usize, mark: crate::lineage::Mark) {
+        let location = self.shippers[i].replica().location();
+        if let Err(e) = self.lineage.record(&location, mark) {
+            tracing::warn!(error = %e, "cannot record the database's lineage");
+        }
+    }
+
+    /// Refuses to start a new generation in replica `i` from a database
+    /// that does not hold everything the replica holds (see `lineage`).
+    fn check_lineage(&mut self, i: usize) -> Result<()> {
+        let Some(tip) = self.shippers[i].tip().cloned() else {
+            return Ok(());
+        };
+        let replica = self.shippers[i].replica().clone();
+        let manifest = self
+            .rt
+            .block_on(replica.get_manifest(&tip.generation))
+            .unwrap_or(None);
+        crate::lineage::check(
+            self.source.db(),
+            &replica.location(),
+            &tip,
+            manifest.as_ref(),
+            crate::follow::lineage(self.source.db()).as_ref(),
+            self.takeover,
+        )
     }
 
     pub fn shippers(&self) -> &[Shipper] {
@@ -169,6 +219,10 @@ impl Replicator {
                 }
                 Err(reason) => reason,
             };
+            self.check_lineage(i).map_err(|error| StartError {
+                replica: Some(i),
+                error,
+            })?;
             self.shippers[i].force_new_generation(reason);
         }
         // Reading goes on from the furthest position any replica reached;
@@ -188,6 +242,14 @@ impl Replicator {
                 continue;
             }
             let gap = self.source.read_range(from, to)?;
+            self.record(
+                i,
+                crate::lineage::Mark {
+                    generation: state.generation.clone(),
+                    next_index: state.next_index,
+                    position: state.position,
+                },
+            );
             self.shippers[i].resume(state, gap);
         }
         self.begin_new_generations()?;
@@ -573,6 +635,12 @@ impl Replicator {
         if plans.is_empty() {
             return (false, Vec::new());
         }
+        // Before the upload: the database holds these frames already.
+        for (i, u) in &plans {
+            if let Some(mark) = u.reaches() {
+                self.record(*i, mark);
+            }
+        }
         let mut set = tokio::task::JoinSet::new();
         for (i, u) in plans {
             set.spawn(async move {
@@ -611,8 +679,13 @@ impl Replicator {
         }
         let plan = self.image()?;
         let cursor = self.source.cursor();
+        let newest = want
+            .iter()
+            .filter_map(|&i| self.shippers[i].newest_seen())
+            .max()
+            .map(str::to_string);
         let header = SnapshotHeader {
-            generation: generation::new_id(),
+            generation: generation::new_id_after(newest.as_deref()),
             index: 0,
             position: 0,
             page_size: self.source.page_size(),
@@ -637,6 +710,32 @@ impl Replicator {
         let follows = crate::follow::lineage(self.source.db());
         let promoted = !g.replicas.is_empty() && follows.is_some();
         for i in g.replicas {
+            self.record(
+                i,
+                crate::lineage::Mark {
+                    generation: g.header.generation.clone(),
+                    next_index: 0,
+                    position: 0,
+                },
+            );
+            let s = &self.shippers[i];
+            // What this generation continues: the one this shipper shipped
+            // last, else the replica's newest as found at start.
+            let previous = s
+                .state()
+                .map(|st| generation::Lineage {
+                    generation: st.generation.clone(),
+                    next_index: st.next_index,
+                    position: st.position,
+                })
+                .or_else(|| {
+                    s.tip().map(|t| generation::Lineage {
+                        generation: t.generation.clone(),
+                        next_index: t.next_index,
+                        position: t.position,
+                    })
+                });
+            let epoch = self.epochs.get(i).copied().flatten();
             let s = &mut self.shippers[i];
             let manifest = Manifest {
                 generation: g.header.generation.clone(),
@@ -650,6 +749,8 @@ impl Replicator {
                 hostname: std::env::var("HOSTNAME").ok(),
                 walstream_version: env!("CARGO_PKG_VERSION").to_string(),
                 follows: follows.clone(),
+                previous,
+                epoch,
             };
             if let Err(e) = s
                 .begin_generation(&manifest, &g.header, g.file.path(), g.cursor)

@@ -26,6 +26,7 @@ use chrono::Utc;
 use crate::defaults;
 use crate::error::{Error, IoContext, Result};
 use crate::generation::Manifest;
+use crate::lineage::{Mark, Tip};
 use crate::metrics::{ReplicaStatus, State};
 use crate::replica::Replica;
 use crate::segment::{SegmentHeader, WalPoint};
@@ -102,6 +103,16 @@ pub struct Uploaded {
 }
 
 impl Upload {
+    /// What the replica holds once this upload has landed.
+    pub fn reaches(&self) -> Option<Mark> {
+        let (h, _, _) = self.segments.last()?;
+        Some(Mark {
+            generation: h.generation.clone(),
+            next_index: h.last_index() + 1,
+            position: h.last_position,
+        })
+    }
+
     pub async fn run(&self) -> Uploaded {
         let started = Instant::now();
         let mut stored = Vec::new();
@@ -146,6 +157,12 @@ pub struct Shipper {
     /// Every event about this replica is logged inside it (the replica as a
     /// structured field of the span, the database in the event).
     span: tracing::Span,
+    /// The newest generation id in the replica as last listed, or the one
+    /// this shipper began since: a new generation's id sorts after it.
+    newest_seen: Option<String>,
+    /// The replica's newest restorable generation as found at start-up
+    /// (see `lineage`), `None` in an empty replica.
+    tip: Option<Tip>,
 }
 
 impl Shipper {
@@ -163,7 +180,19 @@ impl Shipper {
             retry_at: None,
             backoff,
             span: tracing::info_span!("ship", replica = %status.replica),
+            newest_seen: None,
+            tip: None,
         }
+    }
+
+    /// The newest generation id this shipper knows of in its replica.
+    pub fn newest_seen(&self) -> Option<&str> {
+        self.newest_seen.as_deref()
+    }
+
+    /// The replica's newest generation found at start-up.
+    pub fn tip(&self) -> Option<&Tip> {
+        self.tip.as_ref()
     }
 
     pub fn replica(&self) -> &Replica {
@@ -506,6 +535,7 @@ impl Shipper {
         path: &std::path::Path,
         cursor: Option<WalCursor>,
     ) -> Result<()> {
+        self.newest_seen = Some(manifest.generation.clone());
         self.replica.put_manifest(manifest).await?;
         let bytes = self.replica.put_snapshot_file(snapshot, path).await?;
         tracing::info!(
@@ -561,16 +591,24 @@ impl Shipper {
     /// generation is needed. Whether the WAL continues it is for the caller
     /// to check (against `Shipping::cursor`).
     pub async fn find_resume(
-        &self,
+        &mut self,
         page_size: u32,
     ) -> Result<std::result::Result<Shipping, String>> {
         if let Some(reason) = &self.restart {
             return Ok(Err(reason.clone()));
         }
         let gens = self.replica.generations().await?;
+        self.newest_seen = gens.last().map(|g| g.id.clone());
         let Some(g) = gens.iter().rev().find(|g| !g.snapshots.is_empty()) else {
             return Ok(Err("no generation in replica".into()));
         };
+        // Until the newest object is read: the snapshot is its end.
+        self.tip = Some(Tip {
+            generation: g.id.clone(),
+            next_index: g.snapshots.last().map_or(0, |s| s.0),
+            position: 0,
+            timestamp_ms: g.snapshots.last().map_or(0, |s| s.1),
+        });
         let &(snap_index, snap_ms, _) = g.snapshots.last().expect("non-empty");
         // The newest object after the snapshot: a plain segment, or a merged
         // object once compaction has replaced the plain ones.
@@ -610,6 +648,12 @@ impl Shipper {
                     }
                     Err(e) => return Err(e),
                 };
+                self.tip = Some(Tip {
+                    generation: g.id.clone(),
+                    next_index: seg.header.last_index() + 1,
+                    position: seg.header.last_position,
+                    timestamp_ms: seg.header.timestamp_ms,
+                });
                 (
                     Some(seg.header.wal),
                     seg.header.page_size,
@@ -624,6 +668,9 @@ impl Shipper {
                     .replica
                     .get_snapshot_file(&g.id, snap_index, snap_ms, tmp.path())
                     .await?;
+                if let Some(t) = &mut self.tip {
+                    t.position = h.position;
+                }
                 (h.wal, h.page_size, h.position, snap_index)
             }
         };
@@ -737,6 +784,8 @@ mod tests {
             hostname: None,
             walstream_version: "test".into(),
             follows: None,
+            previous: None,
+            epoch: None,
         };
         let header = SnapshotHeader {
             generation: id,
@@ -870,7 +919,7 @@ mod tests {
         assert_eq!((st.next_index, st.position), (2, 3));
         // A new shipper on the same storage (a restart) finds exactly where
         // it ends: the next index, the position, the WAL point.
-        let fresh = Shipper::new(
+        let mut fresh = Shipper::new(
             Replica::new(storage.clone()),
             ReplicaStatus::detached("app.db", "mem"),
             ShipperOptions::default(),

@@ -6,84 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
-
-/// A `replicate` whose stderr goes to a file (it may be waiting, not
-/// started).
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn start(args: &[&str], log: &Path) -> Proc {
-        let file = std::fs::File::create(log).unwrap();
-        let child = Command::new(bin())
-            .arg("replicate")
-            .args(args)
-            .env("RUST_LOG", "walstream=debug")
-            .env_remove("AWS_CA_BUNDLE")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Proc {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !needle.split('|').any(|n| self.log().contains(n)) {
-            assert!(
-                Instant::now() < deadline,
-                "never logged {needle:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    fn stop(mut self) -> String {
-        self.signal(libc::SIGTERM);
-        let st = wait_timeout(&mut self.child, Duration::from_secs(30));
-        assert!(st.success(), "exited with {st:?}:\n{}", self.log());
-        self.log()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn config(dir: &Path, name: &str, db: &Path, replica: &str, extra: &str) -> PathBuf {
-    let cfg = dir.join(name);
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    monitor-interval: 100ms\n    replicas:\n      - {replica}\n{extra}",
-            db.display()
-        ),
-    )
-    .unwrap();
-    cfg
-}
 
 /// A rolling deploy: the new process waits for the old one's lease while
 /// the application writes, takes over when it stops, and the replica
@@ -93,7 +19,7 @@ fn a_second_replicator_waits_then_takes_over_without_a_gap() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("app.db");
     let replica = dir.path().join("replica");
-    let cfg = config(
+    let cfg = replicate_config(
         dir.path(),
         "w.yml",
         &db,
@@ -148,7 +74,7 @@ fn a_held_replica_is_refused_with_wait_false_or_for_another_database() {
     let replica = dir.path().join("replica");
     create_items(&app(&db));
     create_items(&app(&other));
-    let cfg = config(
+    let cfg = replicate_config(
         dir.path(),
         "w.yml",
         &db,
@@ -162,7 +88,7 @@ fn a_held_replica_is_refused_with_wait_false_or_for_another_database() {
     first.wait_for("starting new generation", Duration::from_secs(20));
     let pid = first.child.id().to_string();
 
-    let nowait = config(
+    let nowait = replicate_config(
         dir.path(),
         "nowait.yml",
         &db,
@@ -180,7 +106,7 @@ fn a_held_replica_is_refused_with_wait_false_or_for_another_database() {
     assert!(!o.status.success());
     assert!(err.contains("wait: false") && err.contains(&pid), "{err}");
 
-    let shared = config(
+    let shared = replicate_config(
         dir.path(),
         "shared.yml",
         &other,
@@ -216,7 +142,7 @@ fn a_frozen_holder_is_taken_over_and_writes_nothing_after() {
         "type: s3\n        bucket: {BUCKET}\n        path: leased\n        endpoint: http://{}\n        region: us-east-1\n        force-path-style: true\n        access-key-id: {AK}\n        secret-access-key: {SK}\n        sync-interval: 100ms\n        lease: {{ttl: 2s}}",
         server.addr
     );
-    let cfg = config(dir.path(), "w.yml", &db, &replica, "");
+    let cfg = replicate_config(dir.path(), "w.yml", &db, &replica, "");
     let mut c = app(&db);
     create_items(&c);
     let mut rng = Rng::new(2);
@@ -251,7 +177,15 @@ fn a_frozen_holder_is_taken_over_and_writes_nothing_after() {
         "lost the replica's lease|not renewed within its ttl|does not hold the replica's lease",
         Duration::from_secs(10),
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // With no application to keep running, it exits, not ready and
+    // failing, and leaves the replica to its new holder.
+    let mut first = first;
+    let st = wait_timeout(&mut first.child, Duration::from_secs(30));
+    assert!(
+        !st.success(),
+        "a holder that lost its lease exited 0:\n{}",
+        first.log()
+    );
     let log2 = second.stop();
     let out = dir.path().join("restored.db");
     let url = format!(

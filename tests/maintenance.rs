@@ -210,7 +210,8 @@ fn an_interrupted_prune_leaves_a_restorable_replica() {
     let gens = rt.block_on(r.generations()).unwrap();
     assert!(gens.len() >= 2, "expected two generations");
     let now = Utc::now().timestamp_millis() + 3_600_000;
-    let plan = walstream::retention::plan(&gens, Duration::from_millis(1), now);
+    let plan =
+        walstream::retention::plan(&gens, Duration::from_millis(1), now, &Default::default());
     assert!(plan.len() > 10, "{plan:?}");
     // Stop the prune after every possible number of deletions: what is left
     // verifies (every remaining snapshot's chain is whole) and restores.

@@ -48,6 +48,7 @@ pub fn replicate_settings(
     replicas: &[String],
     exec: Option<String>,
     shutdown_timeout: Option<Duration>,
+    takeover: bool,
 ) -> Result<Settings> {
     let mut settings = match (config, db) {
         (Some(cfg), None) => load_settings(cfg),
@@ -91,6 +92,14 @@ pub fn replicate_settings(
     }
     if let Some(t) = shutdown_timeout {
         settings.shutdown_timeout = t;
+    }
+    if takeover {
+        for db in &mut settings.dbs {
+            db.takeover = true;
+        }
+        for d in &mut settings.dirs {
+            d.template.takeover = true;
+        }
     }
     Ok(settings)
 }

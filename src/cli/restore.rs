@@ -123,10 +123,21 @@ pub async fn run(args: Restore, dry_run: bool) -> Result<ExitCode> {
             snapshot_index,
             segments,
             position,
+            next_index,
             db_pages,
             ..
         } => {
             tracing::info!(output = %output.display(), %generation, snapshot_index, segments, position, db_pages, "restored");
+            // Replicating the copy to this replica then continues it (the
+            // init-container pattern) without --takeover.
+            let mark = walstream::lineage::Mark {
+                generation,
+                next_index,
+                position,
+            };
+            if let Err(e) = walstream::lineage::restored(&output, &replica.location(), mark) {
+                tracing::warn!(error = %e, "cannot record where the restored database came from; replicating it to this replica will need --takeover");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -577,7 +577,10 @@ impl S3Storage {
             if exclusive {
                 return self.create_new(key, data).await;
             }
-            return self.put(key, data).await.map(|()| Conditional::Done(String::new()));
+            return self
+                .put(key, data)
+                .await
+                .map(|()| Conditional::Done(String::new()));
         }
         let mut file = std::fs::File::open(path).map_err(io)?;
         let part_size = self.part_size;

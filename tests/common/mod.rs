@@ -344,3 +344,92 @@ pub fn create_items(c: &Connection) {
     )
     .unwrap();
 }
+
+/// A `replicate` whose stderr goes to a file (it may be waiting, not
+/// started).
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// `walstream replicate ARGS`.
+    pub fn start(args: &[&str], log: &Path) -> Proc {
+        Proc::start_with(&[], args, log)
+    }
+
+    /// `PREFIX... walstream replicate ARGS` (e.g. under `faketime`).
+    pub fn start_with(prefix: &[&str], args: &[&str], log: &Path) -> Proc {
+        let file = std::fs::File::create(log).unwrap();
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
+            .arg("replicate")
+            .args(args)
+            .env("RUST_LOG", "walstream=debug")
+            .env_remove("AWS_CA_BUNDLE")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !needle.split('|').any(|n| self.log().contains(n)) {
+            assert!(
+                Instant::now() < deadline,
+                "never logged {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn stop(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let st = wait_timeout(&mut self.child, Duration::from_secs(30));
+        assert!(st.success(), "exited with {st:?}:\n{}", self.log());
+        self.log()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for one database and one replica (`replica`: the YAML of its
+/// entry, `extra`: more top-level YAML).
+pub fn replicate_config(dir: &Path, name: &str, db: &Path, replica: &str, extra: &str) -> PathBuf {
+    let cfg = dir.join(name);
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    monitor-interval: 100ms\n    replicas:\n      - {replica}\n{extra}",
+            db.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}

@@ -493,6 +493,9 @@ pub async fn follow(replica: &Replica, opts: &FollowOptions) -> Result<()> {
             _ = opts.stop.begun() => {}
         }
     }
+    // Settled: nothing in flight, so the file says exactly where the copy
+    // is (what promotion records as its lineage, see `lineage`).
+    write_follow_file(&opts.output, &file_at(&f.at, None))?;
     tracing::info!(output = %opts.output.display(), generation = %f.at.generation, next_index = f.at.next_index, position = f.at.position, "follow stopped");
     Ok(())
 }

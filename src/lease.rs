@@ -91,6 +91,9 @@ struct Record {
     /// Set by a holder that stopped cleanly: the next may take it at once.
     #[serde(default)]
     released: bool,
+    /// The generation the holder writes (once it has begun or resumed one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    generation: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,8 +118,9 @@ impl Default for LeaseOptions {
 
 enum Held {
     Not,
-    /// A directory's lease file, locked while this stays open.
-    Lock(std::fs::File),
+    /// A directory's lease file, locked while this stays open, and the
+    /// epoch written in it.
+    Lock(std::fs::File, u64),
     Object {
         version: Version,
         epoch: u64,
@@ -136,6 +140,8 @@ pub struct Lease {
     holder: Holder,
     opts: LeaseOptions,
     held: Mutex<Held>,
+    /// The generation this holder writes, named in the lease record.
+    generation: Mutex<Option<String>>,
     /// Why this process lost the lease, once it has: for good.
     lost: tokio::sync::watch::Sender<Option<String>>,
     acquired: tokio::sync::watch::Sender<bool>,
@@ -169,6 +175,7 @@ impl Lease {
             holder,
             opts,
             held: Mutex::new(Held::Not),
+            generation: Mutex::new(None),
             lost: tokio::sync::watch::Sender::new(None),
             acquired: tokio::sync::watch::Sender::new(false),
         })
@@ -181,7 +188,7 @@ impl Lease {
         }
         match &*self.held.lock().unwrap() {
             Held::Not => false,
-            Held::Lock(_) | Held::Unleased => true,
+            Held::Lock(..) | Held::Unleased => true,
             Held::Object { renewed, .. } => renewed.elapsed() < self.opts.ttl - self.margin(),
         }
     }
@@ -206,8 +213,35 @@ impl Lease {
     fn exclusive(&self) -> bool {
         matches!(
             &*self.held.lock().unwrap(),
-            Held::Lock(_) | Held::Object { .. }
+            Held::Lock(..) | Held::Object { .. }
         )
+    }
+
+    /// Names `generation` in the lease record as the one this holder
+    /// writes: at once in a directory's lease file, with the next renewal
+    /// in S3.
+    pub fn note_generation(&self, generation: &str) {
+        let changed = {
+            let mut g = self.generation.lock().unwrap();
+            let changed = g.as_deref() != Some(generation);
+            *g = Some(generation.to_string());
+            changed
+        };
+        let Some(dir) = &self.dir else { return };
+        let held = self.held.lock().unwrap();
+        if let (true, Held::Lock(_, epoch)) = (changed, &*held) {
+            let record = Record {
+                holder: self.holder.clone(),
+                epoch: *epoch,
+                ttl_ms: 0,
+                released: false,
+                generation: Some(generation.to_string()),
+            };
+            let path = dir.join(KEY);
+            if let Err(e) = std::fs::write(&path, encode(&record)) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot update the lease file");
+            }
+        }
     }
 
     /// Gives the lease up for good: another process holds it (`why` says
@@ -337,10 +371,11 @@ impl Lease {
             epoch: previous.map_or(1, |p| p.epoch + 1),
             ttl_ms: 0,
             released: false,
+            generation: None,
         };
         std::fs::write(&path, encode(&record)).io_ctx("write", &path)?;
         tracing::info!(replica = %self.location, epoch = record.epoch, "holding the replica's lease (lock file)");
-        *self.held.lock().unwrap() = Held::Lock(f);
+        *self.held.lock().unwrap() = Held::Lock(f, record.epoch);
         Ok(None)
     }
 
@@ -366,6 +401,7 @@ impl Lease {
             epoch: 1,
             ttl_ms: self.opts.ttl.as_millis() as u64,
             released: false,
+            generation: None,
         };
         let sent = Instant::now();
         let outcome = match self.storage.get_versioned(KEY).await {
@@ -460,6 +496,7 @@ impl Lease {
                 _ => return,
             };
             record.released = false;
+            record.generation = self.generation.lock().unwrap().clone();
             let sent = Instant::now();
             match self
                 .storage
@@ -526,6 +563,7 @@ impl Lease {
                     epoch,
                     ttl_ms: self.opts.ttl.as_millis() as u64,
                     released: true,
+                    generation: self.generation.lock().unwrap().clone(),
                 };
                 match self
                     .storage
@@ -541,7 +579,7 @@ impl Lease {
                 }
             }
             // Closing the file lets the lock go.
-            Held::Lock(f) => drop(f),
+            Held::Lock(f, _) => drop(f),
             _ => {}
         }
     }
@@ -629,9 +667,17 @@ impl crate::storage::Storage for Leased {
         }
         let digest = (data.len() as u64, sha(&data));
         match self.inner.create_new(key, data).await? {
-            Conditional::Done(_) => Ok(()),
-            Conditional::Conflict => self.found(key, digest).await,
+            Conditional::Done(_) => {}
+            Conditional::Conflict => self.found(key, digest).await?,
         }
+        // A generation begun (its manifest) or continued (a segment): the
+        // lease names it from now on.
+        if key.ends_with("/generation.json") || key.contains("/segments/") {
+            if let Some(g) = crate::generation::layout::generation_of(key) {
+                self.lease.note_generation(g);
+            }
+        }
+        Ok(())
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {

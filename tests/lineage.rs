@@ -141,6 +141,11 @@ fn a_stale_copy_is_refused_unless_taken_over() {
 /// which execs, so signals reach the program itself. `None`: not installed
 /// (a skip, unless CI requires it).
 fn faketime(offset: &str) -> Option<Vec<String>> {
+    faketime_env(&[format!("FAKETIME={offset}")])
+}
+
+/// As `faketime`, with libfaketime's settings given as `NAME=value`.
+fn faketime_env(settings: &[String]) -> Option<Vec<String>> {
     let lib = ["/usr/lib/faketime"]
         .into_iter()
         .map(PathBuf::from)
@@ -161,12 +166,13 @@ fn faketime(offset: &str) -> Option<Vec<String>> {
         eprintln!("skipped: faketime not installed");
         return None;
     };
-    Some(vec![
+    let mut prefix = vec![
         "env".into(),
         format!("LD_PRELOAD={}", lib.display()),
-        format!("FAKETIME={offset}"),
         "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
-    ])
+    ];
+    prefix.extend_from_slice(settings);
+    Some(prefix)
 }
 
 /// Node A (a correct clock) replicates; node B restores it, writes more and
@@ -278,4 +284,44 @@ fn a_writer_with_its_clock_ahead_cannot_prune_the_window() {
         "{log}"
     );
     assert_eq!(restored_rows(&replica, &out, &[]), rows(&db));
+}
+
+/// The system clock jumps three hours forward under a running replicator
+/// with a one hour retention: it says so.
+#[test]
+fn a_clock_jump_past_the_retention_window_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let offset = dir.path().join("offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let Some(prefix) = faketime_env(&[
+        format!("FAKETIME_TIMESTAMP_FILE={}", offset.display()),
+        "FAKETIME_CACHE_DURATION=1".into(),
+    ]) else {
+        return;
+    };
+    let prefix: Vec<&str> = prefix.iter().map(String::as_str).collect();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let cfg = replicate_config(
+        dir.path(),
+        "w.yml",
+        &db,
+        &format!(
+            "path: {}\n        retention: 1h\n        retention-check-interval: 300ms",
+            replica.display()
+        ),
+        "",
+    );
+    add(&db, 3);
+    let p = Proc::start_with(
+        &prefix,
+        &["--config", cfg.to_str().unwrap()],
+        &dir.path().join("1.log"),
+    );
+    p.wait_for("starting new generation", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!p.log().contains("clock jumped"), "{}", p.log());
+    std::fs::write(&offset, "+3h\n").unwrap();
+    p.wait_for("the system clock jumped", Duration::from_secs(20));
+    p.stop();
 }

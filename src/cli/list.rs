@@ -106,7 +106,7 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
         "compacted",
         "start",
         "end",
-        "follows"
+        "continues"
     );
     for g in replica.generations().await? {
         let start = generation::id_time(&g.id)
@@ -123,10 +123,11 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
                 tracing::warn!(generation = %g.id, error = %e, "cannot read the generation's newest object")
             }
         }
-        // A promoted follower's generation continues the one it followed.
-        let follows = match g.has_manifest {
+        // The history it continues: the generation a promoted follower's
+        // copy followed, or the replica's newest when it started.
+        let manifest = match g.has_manifest {
             true => match replica.get_manifest(&g.id).await {
-                Ok(m) => m.and_then(|m| m.follows).map(|l| l.to_string()),
+                Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(generation = %g.id, error = %e, "cannot read the generation's manifest");
                     None
@@ -134,6 +135,14 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
             },
             false => None,
         };
+        // The start by the writer's clock (the id's time may be later: ids
+        // also order by lineage, see `generation`).
+        let start = manifest
+            .as_ref()
+            .map_or(start, |m| m.started_at.timestamp_millis());
+        let follows = manifest
+            .and_then(|m| m.follows.or(m.previous))
+            .map(|l| l.to_string());
         outln!(
             "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25} {}",
             g.id,

@@ -192,7 +192,7 @@ impl Storage for FileStorage {
             .await
             .expect("put task")
             .map(created)
-            .map_err(|e| self.io("create", key, e))
+            .map_err(|e| self.io("put", key, e))
     }
 
     async fn create_new_file(&self, key: &str, src: &Path) -> Result<Conditional, StorageError> {
@@ -202,7 +202,7 @@ impl Storage for FileStorage {
             .await
             .expect("put task")
             .map(created)
-            .map_err(|e| self.io("create", key, e))
+            .map_err(|e| self.io("put", key, e))
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {

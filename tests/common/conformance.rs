@@ -126,6 +126,33 @@ pub async fn run(s: &dyn Storage) {
     s.delete("excl/a").await.unwrap();
     s.delete("excl/big").await.unwrap();
 
+    // Replacement only at the version read (If-Match), where supported.
+    match s.create_new("excl/v", b"one".to_vec()).await.unwrap() {
+        Conditional::Done(_) => {}
+        Conditional::Conflict => panic!("excl/v existed"),
+    }
+    match s.get_versioned("excl/v").await {
+        Ok((data, v1)) => {
+            assert_eq!(data, b"one");
+            let Conditional::Done(v2) = s.replace_if("excl/v", b"two".to_vec(), &v1).await.unwrap()
+            else {
+                panic!("replace at the current version refused");
+            };
+            assert_ne!(v1, v2);
+            assert_eq!(
+                s.replace_if("excl/v", b"three".to_vec(), &v1)
+                    .await
+                    .unwrap(),
+                Conditional::Conflict,
+                "replace at a stale version accepted"
+            );
+            assert_eq!(s.get("excl/v").await.unwrap(), b"two");
+        }
+        Err(StorageError::Unsupported { .. }) => {}
+        Err(e) => panic!("get_versioned: {e}"),
+    }
+    s.delete("excl/v").await.unwrap();
+
     // Many keys (more than one S3 list page).
     for i in 0..1100 {
         s.put(&format!("many/{i:05}"), vec![1]).await.unwrap();

@@ -305,7 +305,7 @@ impl Lease {
                 }
                 Some(other) => other,
             };
-            if other.database != self.holder.database {
+            if other.database != self.holder.database && !self.successor() {
                 return Err(Error::Invalid(format!(
                     "replica {} is written by {other}; {} needs a replica of its own (two databases must not share one)",
                     self.location, self.holder.database
@@ -330,6 +330,16 @@ impl Lease {
                 }
             }
         }
+    }
+
+    /// Whether this database continues the replica's history under another
+    /// path (a restored or promoted copy: it has a lineage record for the
+    /// replica, or a follower's position file), so another database's
+    /// lease on it is waited for rather than refused.
+    fn successor(&self) -> bool {
+        let db = std::path::Path::new(&self.holder.database);
+        matches!(crate::lineage::mark(db, &self.location), Ok(Some(_)))
+            || matches!(crate::follow::read_follow_file(db), Ok(Some(_)))
     }
 
     /// One attempt at a directory's lock. `None`: taken.
@@ -424,10 +434,10 @@ impl Lease {
                         false
                     }
                 };
-                // Another database's replica stays its own, held or not.
-                if current.holder.database != self.holder.database
-                    || (!current.released && !lapsed && current.holder != self.holder)
-                {
+                // Held by another process: wait or refuse (see `acquire`).
+                // Once free, whose replica it is is the lineage check's
+                // question (see `lineage`), as in a directory.
+                if !current.released && !lapsed && current.holder != self.holder {
                     return Ok(Some(current.holder));
                 }
                 record.epoch = current.epoch + 1;

@@ -87,6 +87,10 @@ pub struct Config {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub addr: Option<String>,
+    /// The control API's Unix socket (see `control`).
+    pub socket: Option<PathBuf>,
+    /// Bearer token that opens the control API on `addr` too.
+    pub control_token: Option<String>,
     pub exec: Option<String>,
     pub logging: Option<LoggingConfig>,
     pub mcp_addr: Option<String>,
@@ -199,6 +203,12 @@ pub struct Settings {
     /// Directories whose databases are all replicated.
     pub dirs: Vec<DirSettings>,
     pub addr: Option<String>,
+    /// The control socket, if configured (else the default, see `control`).
+    pub socket: Option<PathBuf>,
+    /// Opens the control API on `addr` (Bearer auth).
+    pub control_token: Option<String>,
+    /// The config file's directory (a fallback place for the socket).
+    pub config_dir: Option<PathBuf>,
     pub exec: Option<String>,
     pub log_level: Option<String>,
     pub log_format: LogFormat,
@@ -218,6 +228,9 @@ impl Settings {
             dbs: vec![db],
             dirs: Vec::new(),
             addr: None,
+            socket: None,
+            control_token: None,
+            config_dir: None,
             exec: None,
             log_level: None,
             log_format: LogFormat::Text,
@@ -686,6 +699,16 @@ impl Config {
             dbs,
             dirs,
             addr: self.addr.clone(),
+            socket: self.socket.as_deref().map(resolve),
+            control_token: match &self.control_token {
+                Some(t) if t.len() < 16 => {
+                    return Err(invalid(
+                        "control-token must be at least 16 characters".into(),
+                    ))
+                }
+                t => t.clone(),
+            },
+            config_dir: Some(base.clone()),
             exec: self.exec.clone(),
             log_level: logging.level,
             log_format,

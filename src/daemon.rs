@@ -80,6 +80,8 @@ const WAITING_ANNOUNCE_EVERY: Duration = Duration::from_secs(60);
 const REPORT_GRACE: Duration = Duration::from_millis(200);
 
 struct Worker {
+    /// The database (as configured or registered).
+    db: PathBuf,
     /// One per replica, in the order of the worker's outcomes.
     statuses: Vec<Arc<ReplicaStatus>>,
     control: UnboundedSender<Control>,
@@ -115,6 +117,11 @@ pub struct Daemon {
     reporter: Option<tokio::task::JoinHandle<()>>,
     /// Workers that lost a replica's lease say so here (see `Job::run`).
     lease_lost: (UnboundedSender<String>, UnboundedReceiver<String>),
+    /// The control API (see `control`) and the changes it asks for.
+    control: Option<(
+        Arc<crate::control::Api>,
+        UnboundedReceiver<crate::control::Change>,
+    )>,
 }
 
 impl Daemon {
@@ -149,7 +156,87 @@ impl Daemon {
             scanned: HashSet::new(),
             reporter: None,
             lease_lost: mpsc::unbounded_channel(),
+            control: None,
         })
+    }
+
+    /// Answers the control API: every database is registered with `api`,
+    /// and `changes` are carried out by `run`.
+    pub fn with_control(
+        mut self,
+        api: Arc<crate::control::Api>,
+        changes: UnboundedReceiver<crate::control::Change>,
+    ) -> Daemon {
+        self.control = Some((api, changes));
+        self
+    }
+
+    /// Starts replicating a database registered through the control API.
+    async fn register(&mut self, db: DbSettings) -> std::result::Result<(), String> {
+        let started = self.spawn_db(&db, true).await.map_err(|e| e.to_string())?;
+        for (name, rx) in started {
+            match rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err((who, e))) => {
+                    let _ = self.unregister(&db.path).await;
+                    return Err(format!("{}: {e}", who.unwrap_or(name)));
+                }
+                Err(_) => {
+                    let _ = self.unregister(&db.path).await;
+                    return Err(format!("{name}: worker ended"));
+                }
+            }
+        }
+        tracing::info!(db = %db.path.display(), "registered through the control API");
+        Ok(())
+    }
+
+    /// Stops replicating a database (shipping what is committed first,
+    /// within `shutdown-timeout`) and forgets it.
+    async fn unregister(&mut self, db: &Path) -> std::result::Result<(), String> {
+        let key = crate::control::key(db);
+        let Some(i) = self
+            .workers
+            .iter()
+            .position(|w| crate::control::key(&w.db) == key)
+        else {
+            return Err(format!("database {} is not replicated", db.display()));
+        };
+        let w = self.workers.remove(i);
+        self.known.remove(&key);
+        if let Some((api, _)) = &self.control {
+            api.remove(&w.db);
+        }
+        for m in &w.maintenance {
+            m.abort();
+        }
+        let _ = w.control.send(Control::Shutdown);
+        let limit = self.settings.shutdown_timeout + REPORT_GRACE;
+        let outcomes = match tokio::time::timeout(limit, w.done).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(_)) => return Err("the worker panicked".into()),
+            Err(_) => {
+                return Err(format!(
+                    "still shipping after {}",
+                    humantime::format_duration(limit)
+                ))
+            }
+        };
+        let failed: Vec<String> = w
+            .statuses
+            .iter()
+            .zip(outcomes)
+            .filter_map(|(s, o)| o.err().map(|e| format!("{}: {e}", s.replica)))
+            .collect();
+        tracing::info!(db = %db.display(), "unregistered through the control API");
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "not everything committed was shipped: {}",
+                failed.join("; ")
+            ))
+        }
     }
 
     /// Starts every configured pair; fails (and stops what started) if any
@@ -298,7 +385,15 @@ impl Daemon {
             }
             .instrument(span),
         );
+        if let Some((api, _)) = &self.control {
+            api.add(crate::control::Handle {
+                db: db.path.clone(),
+                control: tx.clone(),
+                statuses: statuses.clone(),
+            });
+        }
         self.workers.push(Worker {
+            db: db.path.clone(),
             statuses,
             control: tx,
             done,
@@ -479,6 +574,17 @@ impl Daemon {
                     next_scan = next_scan.min(tokio::time::Instant::now() + scan_every);
                     None
                 }
+                Some(change) = next_change(&mut self.control) => {
+                    match change {
+                        crate::control::Change::Register { db, reply } => {
+                            let _ = reply.send(self.register(*db).await);
+                        }
+                        crate::control::Change::Unregister { path, reply } => {
+                            let _ = reply.send(self.unregister(&path).await);
+                        }
+                    }
+                    None
+                }
                 Some(why) = self.lease_lost.1.recv() => {
                     // Another process replicates the database now. Without an
                     // application to keep running, this one has nothing
@@ -510,6 +616,19 @@ impl Daemon {
             Err(e) if code == 0 => Err(e),
             _ => Ok(code),
         }
+    }
+}
+
+/// The next change the control API asks for (never, without one).
+async fn next_change(
+    control: &mut Option<(
+        Arc<crate::control::Api>,
+        UnboundedReceiver<crate::control::Change>,
+    )>,
+) -> Option<crate::control::Change> {
+    match control {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -888,7 +1007,7 @@ impl Job {
         let until = tokio::time::Instant::now() + d;
         while !self.stop.requested() {
             match tokio::time::timeout_at(until, control.recv()).await {
-                Ok(Some(Control::Wake)) => {}
+                Ok(Some(Control::Wake | Control::Sync | Control::Force)) => {}
                 Ok(Some(Control::Shutdown)) | Ok(None) | Err(_) => return,
             }
         }
@@ -916,8 +1035,16 @@ impl Job {
                 announced = Some(Instant::now());
             }
             let poll = self.opts.monitor_interval.min(Duration::from_secs(1));
+            let asked = crate::metrics::mono_us();
             match tokio::time::timeout(poll, control.recv()).await {
                 Ok(Some(Control::Shutdown)) | Ok(None) => return false,
+                // A wait for durability: with no database, nothing is
+                // committed, so everything committed is shipped.
+                Ok(Some(Control::Sync | Control::Force)) if !self.opts.db.exists() => {
+                    for (_, status, _, _) in &self.replicas {
+                        status.synced_mono(asked);
+                    }
+                }
                 _ => {}
             }
         }
@@ -1038,18 +1165,28 @@ impl Job {
         } else {
             self.opts.monitor_interval
         };
+        let mut asked = false;
         loop {
             if self.stop.requested() {
                 return false;
             }
+            let now = crate::metrics::mono_us();
             // Looked at before every wait: a commit between the close and
             // the watches above raised no notification.
             if self.closed.as_ref().is_none_or(|(_, c)| c.changed(&db)) {
                 return true;
             }
+            // Unchanged since everything read was shipped: a wait for
+            // durability is answered without opening the database.
+            if std::mem::take(&mut asked) {
+                for (_, status, _, _) in &self.replicas {
+                    status.synced_mono(now);
+                }
+            }
             match tokio::time::timeout(poll, control.recv()).await {
                 Ok(Some(Control::Shutdown)) | Ok(None) => return false,
                 Ok(Some(Control::Wake)) => armed.store(true, std::sync::atomic::Ordering::SeqCst),
+                Ok(Some(Control::Sync | Control::Force)) => asked = true,
                 Err(_) => {}
             }
         }

@@ -58,3 +58,6 @@ pub const FOLLOW_READY_LAG: Duration = Duration::from_secs(10);
 /// A replica's lease (S3) lapses when its holder has not renewed it for
 /// this long; it is renewed every third of it.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// How long `POST /sync` (and `walstream sync --wait`) waits by default.
+pub const SYNC_WAIT_TIMEOUT: Duration = Duration::from_secs(30);

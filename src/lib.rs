@@ -24,6 +24,7 @@
 pub mod checkpoint;
 pub mod compact;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod db;
 pub mod defaults;

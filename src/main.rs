@@ -119,11 +119,48 @@ enum Command {
     Status {
         #[arg(long)]
         config: Option<PathBuf>,
-        /// The daemon's address (default: `addr` in the config).
+        /// Ask over HTTP at this address instead of the control socket.
         #[arg(long)]
         addr: Option<String>,
+        /// The control API's JSON as is.
+        #[arg(long)]
+        json: bool,
         /// Only this database's lines.
         db: Option<PathBuf>,
+    },
+    /// Ask the running daemon to sync DB; with --wait, return once every
+    /// transaction committed before the call is on every replica.
+    Sync {
+        /// Config file naming the daemon's control socket.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Wait until durable (exit 1 if not within --timeout).
+        #[arg(long)]
+        wait: bool,
+        /// How long to wait (default 30s).
+        #[arg(long, value_parser = parse_duration_arg)]
+        timeout: Option<Duration>,
+        /// Upload now instead of with the next scheduled upload.
+        #[arg(long)]
+        force: bool,
+        /// The control API's JSON as is.
+        #[arg(long)]
+        json: bool,
+        db: PathBuf,
+    },
+    /// Start replicating DB to the replica URLs in the running daemon.
+    Register {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        db: PathBuf,
+        replicas: Vec<String>,
+    },
+    /// Stop replicating DB in the running daemon (after shipping what is
+    /// committed).
+    Unregister {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        db: PathBuf,
     },
     /// List generations in a replica.
     Generations {
@@ -317,7 +354,26 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
         }
         Command::Verify { target } => cli::verify::run(target).await,
         Command::Databases { config } => cli::databases::run(config),
-        Command::Status { config, addr, db } => cli::status::run(config, addr, db).await,
+        Command::Status {
+            config,
+            addr,
+            json,
+            db,
+        } => cli::status::run(config, addr, db, json).await,
+        Command::Sync {
+            config,
+            wait,
+            timeout,
+            force,
+            json,
+            db,
+        } => cli::control::sync(config, db, wait, timeout, force, json).await,
+        Command::Register {
+            config,
+            db,
+            replicas,
+        } => cli::control::register(config, db, replicas).await,
+        Command::Unregister { config, db } => cli::control::unregister(config, db).await,
         Command::Generations { target } => cli::list::generations(target).await,
         Command::Snapshots { target, generation } => cli::list::snapshots(target, generation).await,
         Command::Segments { target, generation } => cli::list::segments(target, generation).await,

@@ -96,6 +96,13 @@ pub struct ReplicaStatus {
     /// Start of the last round after which everything committed before it
     /// was shipped (ms since the epoch; 0 = never).
     synced_at_ms: AtomicI64,
+    /// The same instant on the monotonic clock ([`mono_us`]), watched by
+    /// waits for durability (see `control`).
+    synced_mono: tokio::sync::watch::Sender<u64>,
+    /// WAL frames read and held, not yet on the replica.
+    pending_frames: std::sync::atomic::AtomicU64,
+    /// The last failure, until the next complete sync.
+    last_error: Mutex<Option<String>>,
     /// The generation being shipped and the position in it up to which
     /// everything is on the replica (`None` before the first shipment).
     shipped: Mutex<Option<(String, u64)>>,
@@ -296,6 +303,9 @@ impl Metrics {
             max_lag,
             state: AtomicU8::new(State::Starting as u8),
             synced_at_ms: AtomicI64::new(0),
+            synced_mono: tokio::sync::watch::Sender::new(0),
+            pending_frames: Default::default(),
+            last_error: Mutex::new(None),
             shipped: Mutex::new(None),
             wal_size: self.wal_size.get_or_create(&l).clone(),
             position: self.position.get_or_create(&l).clone(),
@@ -506,6 +516,52 @@ impl ReplicaStatus {
     }
 
     /// Everything up to `position` of `generation` is on the replica.
+    /// Everything committed before the round that began at `began_mono`
+    /// (see [`mono_us`]) is on the replica.
+    pub fn synced_mono(&self, began_mono: u64) {
+        self.synced_mono.send_if_modified(|s| {
+            let newer = began_mono > *s;
+            if newer {
+                *s = began_mono;
+            }
+            newer
+        });
+        *self.last_error.lock().unwrap() = None;
+    }
+
+    /// Watches the start ([`mono_us`]) of the last round after which
+    /// everything committed was on the replica.
+    pub fn watch_synced(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.synced_mono.subscribe()
+    }
+
+    pub fn set_pending(&self, frames: u64) {
+        self.pending_frames.store(frames, Ordering::Relaxed);
+    }
+
+    /// WAL frames read and not yet on the replica.
+    pub fn pending(&self) -> u64 {
+        self.pending_frames.load(Ordering::Relaxed)
+    }
+
+    pub fn set_error(&self, e: String) {
+        *self.last_error.lock().unwrap() = Some(e);
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap().clone()
+    }
+
+    /// When the last complete sync began (ms since the epoch; 0: never).
+    pub fn synced_at_ms(&self) -> i64 {
+        self.synced_at_ms.load(Ordering::Relaxed)
+    }
+
+    /// How long since the last complete sync.
+    pub fn lag(&self) -> Duration {
+        self.lag_at(Utc::now().timestamp_millis())
+    }
+
     pub fn set_shipped(&self, generation: &str, position: u64) {
         let mut s = self.shipped.lock().unwrap();
         match s.as_mut() {
@@ -702,6 +758,17 @@ impl FollowStatus {
             }
         }
     }
+}
+
+/// Microseconds on the monotonic clock since the first call: the order of
+/// rounds and requests within this process, whatever the wall clock does.
+pub fn mono_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
+        + 1
 }
 
 #[cfg(test)]

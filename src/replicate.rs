@@ -99,6 +99,9 @@ pub struct Replicator {
     takeover: bool,
     /// Each replica's lease epoch, recorded in new generations.
     epochs: Vec<Option<u64>>,
+    /// Upload everything held in the next round, whatever the
+    /// sync-interval says (`Control::Force`: a `sync` with `force`).
+    force_upload: bool,
 }
 
 impl Replicator {
@@ -111,6 +114,7 @@ impl Replicator {
             lineage,
             takeover: false,
             epochs: Vec::new(),
+            force_upload: false,
         }
     }
 
@@ -324,7 +328,11 @@ impl Replicator {
                     () = budget.pressure(), if idle => None,
                 };
                 match waited {
-                    Some(Ok(Some(Control::Wake))) => woken = true,
+                    Some(Ok(Some(Control::Wake | Control::Sync))) => woken = true,
+                    Some(Ok(Some(Control::Force))) => {
+                        woken = true;
+                        self.force_upload = true;
+                    }
                     Some(Ok(Some(Control::Shutdown))) | Some(Ok(None)) => shutdown = true,
                     Some(Err(_)) | None => {}
                 }
@@ -332,7 +340,8 @@ impl Replicator {
             idle = false;
             while let Ok(m) = control.try_recv() {
                 shutdown |= m == Control::Shutdown;
-                woken |= m == Control::Wake;
+                woken |= m != Control::Shutdown;
+                self.force_upload |= m == Control::Force;
             }
             shutdown |= stop.requested();
             if shutdown {
@@ -354,7 +363,7 @@ impl Replicator {
                 .map(|s| s.spacing_left(now))
                 .min()
                 .unwrap_or_default();
-            if !wait.is_zero() {
+            if !wait.is_zero() && !self.force_upload {
                 timeout = wait;
                 if self.spaced() && self.source.rewind_wanted() {
                     self = blocking(move || {
@@ -390,8 +399,9 @@ impl Replicator {
                 // Everything committed is still shipped: the replicas are in
                 // sync as of now, and stay so until the next write.
                 let now_ms = Utc::now().timestamp_millis();
+                let now_mono = crate::metrics::mono_us();
                 for s in &self.shippers {
-                    s.synced(now_ms, self.source.wal_len());
+                    s.synced(now_ms, now_mono, self.source.wal_len());
                     s.status().set_state(State::Idle);
                 }
                 // Another database waits for descriptors: close this one
@@ -545,6 +555,7 @@ impl Replicator {
     /// replica's own failures are its own: it backs off and retries).
     async fn round_async(self) -> Result<(Self, Result<bool>)> {
         let began = Utc::now().timestamp_millis();
+        let began_mono = crate::metrics::mono_us();
         let (mut me, prepared) = blocking(move || {
             let mut me = self;
             let r = me.read_and_prepare_generations(false);
@@ -558,9 +569,10 @@ impl Replicator {
         if let Some(g) = generations {
             me.begin_generations(g).await;
         }
-        let (uploaded, _) = me.upload(false).await;
+        let force = std::mem::take(&mut me.force_upload);
+        let (uploaded, _) = me.upload(force).await;
         for s in &me.shippers {
-            s.synced(began, me.source.wal_len());
+            s.synced(began, began_mono, me.source.wal_len());
         }
         let (mut me, prepared) = blocking(move || {
             let mut me = me;
@@ -853,6 +865,7 @@ impl Replicator {
         let mut errors: Vec<Option<Error>> = self.shippers.iter().map(|_| None).collect();
         loop {
             let began = Utc::now().timestamp_millis();
+            let began_mono = crate::metrics::mono_us();
             let shippers = &mut self.shippers;
             let read = self.source.read(&mut |b| hand(shippers, b));
             self.caught_up();
@@ -886,7 +899,7 @@ impl Replicator {
                 errors[i] = Some(e);
             }
             for s in &self.shippers {
-                s.synced(began, self.source.wal_len());
+                s.synced(began, began_mono, self.source.wal_len());
             }
             let complete = |s: &Shipper| s.attached() && !s.holds_anything();
             if self.shippers.iter().all(complete) {

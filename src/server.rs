@@ -3,7 +3,8 @@
 //! `/metrics` for Prometheus, `/healthz` for liveness (the process answers),
 //! `/readyz` for readiness (every replica has shipped everything committed as
 //! of its last sync, within its allowed lag). HTTP/1.1 only: scrapers and
-//! kubelet probes need nothing more.
+//! kubelet probes need nothing more. With a `control-token:`, the control
+//! API (`control`) is served here too, behind Bearer auth.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,7 +33,12 @@ pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
 
 /// Binds `addr` and serves until the runtime shuts down. Returns the bound
 /// address (useful with port 0).
-pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<SocketAddr> {
+pub async fn serve(
+    addr: &str,
+    metrics: Arc<Metrics>,
+    control: Option<Arc<crate::control::Api>>,
+) -> Result<SocketAddr> {
+    let control = control.filter(|c| c.on_tcp());
     let sock = parse_addr(addr)?;
     let listener = TcpListener::bind(sock)
         .await
@@ -50,10 +56,25 @@ pub async fn serve(addr: &str, metrics: Arc<Metrics>) -> Result<SocketAddr> {
                 }
             };
             let metrics = metrics.clone();
+            let control = control.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let metrics = metrics.clone();
-                    async move { Ok::<_, Infallible>(respond(&metrics, &req)) }
+                    let control = control.clone();
+                    async move {
+                        let wants_json = req
+                            .headers()
+                            .get(hyper::header::ACCEPT)
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.contains("application/json"));
+                        let controlled =
+                            matches!(req.uri().path(), "/sync" | "/position" | "/databases")
+                                || (req.uri().path() == "/status" && wants_json);
+                        Ok::<_, Infallible>(match control {
+                            Some(c) if controlled => c.respond(req, false).await,
+                            _ => respond(&metrics, &req),
+                        })
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)

@@ -228,6 +228,7 @@ impl Shipper {
         self.held.clear();
         self.held_bytes = 0;
         self.restart = Some(reason);
+        self.note_pending();
     }
 
     /// Page bytes held and not yet stored.
@@ -249,6 +250,7 @@ impl Shipper {
         }
         self.held_bytes += batch.committed.page_bytes();
         self.held.push_back(batch);
+        self.note_pending();
         if self.held_bytes > self.opts.max_pending {
             let reason = format!(
                 "the replica fell more than max-pending ({} bytes) behind",
@@ -411,6 +413,7 @@ impl Shipper {
             st.next_index = header.index + 1;
         }
         self.note_shipped();
+        self.note_pending();
         match outcome.error {
             None => {
                 self.succeeded();
@@ -428,6 +431,7 @@ impl Shipper {
         let span = self.span.clone();
         let _span = span.enter();
         self.status.set_state(State::Failing);
+        self.status.set_error(format!("{what}: {e}"));
         tracing::warn!(
             db = %self.status.db,
             replica = %self.status.replica,
@@ -453,12 +457,19 @@ impl Shipper {
 
     /// Records a round after which this replica has everything committed
     /// before `began` (ms), if it does: attached and holding nothing.
-    pub fn synced(&self, began: i64, wal_len: u64) {
+    pub fn synced(&self, began: i64, began_mono: u64, wal_len: u64) {
         if self.attached() && self.held.is_empty() && self.retry_at.is_none() {
             let position = self.state.as_ref().map_or(0, |s| s.position);
             self.status.set_state(State::Replicating);
             self.status.synced(began, wal_len, position);
+            self.status.synced_mono(began_mono);
         }
+    }
+
+    /// Tells the status how much is read and not yet stored.
+    fn note_pending(&self) {
+        self.status
+            .set_pending(self.held.iter().map(|b| b.committed.frames).sum());
     }
 
     /// Whether a periodic snapshot is due: a snapshot is an image at the

@@ -19,6 +19,12 @@ use tokio::sync::mpsc::UnboundedSender as Sender;
 pub enum Control {
     /// Something changed on disk (or a test wants a round now).
     Wake,
+    /// A wait for durability: a round as soon as the sync-interval allows,
+    /// or an answer without one when nothing changed.
+    Sync,
+    /// A round now that uploads everything it holds, whatever the
+    /// sync-interval says (`sync` with `force`).
+    Force,
     /// Ship what is committed, then stop.
     Shutdown,
 }

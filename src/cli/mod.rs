@@ -2,6 +2,7 @@
 //! arguments, sets up logging and dispatches here.
 
 pub mod args;
+pub mod control;
 pub mod databases;
 pub mod list;
 pub mod out;

@@ -107,10 +107,21 @@ pub fn replicate_settings(
 /// Runs the daemon: metrics endpoint, every replicator, the application.
 pub async fn run(settings: Settings) -> Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
+    let (api, changes) = walstream::control::Api::new(settings.control_token.clone());
+    let socket = api
+        .serve(settings.socket.as_deref(), settings.config_dir.as_deref())
+        .await?;
     if let Some(addr) = &settings.addr {
-        server::serve(addr, metrics.clone()).await?;
+        server::serve(addr, metrics.clone(), Some(api.clone())).await?;
     }
-    let mut daemon = Daemon::new(settings, metrics)?;
-    daemon.start().await?;
-    Ok(ExitCode::from(daemon.run().await?))
+    let mut daemon = Daemon::new(settings, metrics)?.with_control(api, changes);
+    let result = async {
+        daemon.start().await?;
+        daemon.run().await
+    }
+    .await;
+    if let Some(s) = socket {
+        let _ = std::fs::remove_file(s);
+    }
+    Ok(ExitCode::from(result?))
 }

@@ -169,7 +169,7 @@ async fn run_follow(
         f.ready_lag.unwrap_or(walstream::defaults::FOLLOW_READY_LAG),
     );
     if let Some(addr) = f.addr.or(config_addr) {
-        walstream::server::serve(&addr, metrics.clone()).await?;
+        walstream::server::serve(&addr, metrics.clone(), None).await?;
     }
     let interval = f.interval.unwrap_or(walstream::defaults::FOLLOW_INTERVAL);
     let watch = match &target {

@@ -1,5 +1,6 @@
-//! `walstream status`: what a running daemon is doing, asked over its HTTP
-//! endpoint (`addr` in the config), one line per database and replica.
+//! `walstream status`: what a running daemon is doing, asked over its
+//! control socket (see `control`), or its HTTP endpoint (`addr` in the
+//! config), one line per database and replica.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +17,20 @@ pub async fn run(
     config: Option<PathBuf>,
     addr: Option<String>,
     db: Option<PathBuf>,
+    json: bool,
 ) -> Result<ExitCode> {
+    // The control socket, unless --addr says otherwise or the config names
+    // an HTTP address and no socket (as configs did before the socket).
+    let http_configured = config_path(config.as_deref(), &DEFAULT_CONFIGS)
+        .and_then(|(cfg, _)| load_settings(&cfg).ok())
+        .is_some_and(|s| s.socket.is_none() && s.addr.is_some());
+    if addr.is_none() && !http_configured {
+        match super::control::find_socket(config.as_deref()).await {
+            Ok(socket) => return super::control::status(&socket, db.as_deref(), json).await,
+            Err(e) if json => return Err(e),
+            Err(_) => {}
+        }
+    }
     let addr = match addr {
         Some(a) => a,
         None => {

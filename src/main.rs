@@ -166,6 +166,9 @@ enum Command {
     Generations {
         #[command(flatten)]
         target: Target,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// List snapshots in a replica.
     Snapshots {
@@ -173,6 +176,9 @@ enum Command {
         target: Target,
         #[arg(long)]
         generation: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// List segments in a replica (`wal` and `ltx` are Litestream's names).
     #[command(visible_aliases = ["wal", "ltx"])]
@@ -181,6 +187,9 @@ enum Command {
         target: Target,
         #[arg(long)]
         generation: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Verify a replica: every object's checksum, each generation's
     /// continuity, a test restore with integrity check, and (when the target
@@ -188,6 +197,9 @@ enum Command {
     Verify {
         #[command(flatten)]
         target: Target,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the version.
     Version,
@@ -352,7 +364,7 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
             };
             cli::restore::run(args, dry_run).await
         }
-        Command::Verify { target } => cli::verify::run(target).await,
+        Command::Verify { target, json } => cli::verify::run(target, json).await,
         Command::Databases { config } => cli::databases::run(config),
         Command::Status {
             config,
@@ -374,8 +386,16 @@ async fn run(cli: Cli, settings: Option<Settings>) -> Result<ExitCode> {
             replicas,
         } => cli::control::register(config, db, replicas).await,
         Command::Unregister { config, db } => cli::control::unregister(config, db).await,
-        Command::Generations { target } => cli::list::generations(target).await,
-        Command::Snapshots { target, generation } => cli::list::snapshots(target, generation).await,
-        Command::Segments { target, generation } => cli::list::segments(target, generation).await,
+        Command::Generations { target, json } => cli::list::generations(target, json).await,
+        Command::Snapshots {
+            target,
+            generation,
+            json,
+        } => cli::list::snapshots(target, generation, json).await,
+        Command::Segments {
+            target,
+            generation,
+            json,
+        } => cli::list::segments(target, generation, json).await,
     }
 }

@@ -193,7 +193,9 @@ fn waits_ride_the_scheduled_uploads() {
     };
     let (without, _) = run(0);
     let (with, slowest) = run(50);
-    eprintln!("PUTs without waits {without}, with 50 waiting clients {with}; slowest wait {slowest:?}");
+    eprintln!(
+        "PUTs without waits {without}, with 50 waiting clients {with}; slowest wait {slowest:?}"
+    );
     assert!(
         with <= without + without / 2 + 3,
         "PUTs with 50 waiting clients: {with}, without: {without}"
@@ -479,4 +481,46 @@ fn databases_come_and_go_while_others_ship() {
     let out = dir.path().join("one-out.db");
     restore_ok(&r1, &out, &[]);
     assert_same(&one, &out);
+}
+
+/// `--json` on `generations`, `snapshots`, `segments` and `verify`: what
+/// the tables say, parseable.
+#[test]
+fn listings_and_verify_speak_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let mut c = app(&db);
+    create_items(&c);
+    let w = Replicating::db(&db, &replica);
+    let mut rng = Rng::new(3);
+    for _ in 0..20 {
+        random_txn(&mut c, &mut rng);
+    }
+    w.wait_quiet();
+    w.stop();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["--json", replica.to_str().unwrap()]);
+        let o = walstream(&all);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+    };
+    let gens = json(&["generations"]);
+    assert_eq!(gens.as_array().unwrap().len(), 1, "{gens}");
+    let id = gens[0]["generation"].as_str().unwrap().to_string();
+    assert!(gens[0]["last_position"].as_u64().unwrap() > 0, "{gens}");
+    let snaps = json(&["snapshots"]);
+    assert_eq!(snaps[0]["generation"], id.as_str());
+    let segs = json(&["segments"]);
+    assert!(!segs.as_array().unwrap().is_empty(), "{segs}");
+    assert!(segs
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["generation"] == id.as_str()));
+    let v = json(&["verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["restored"]["generation"], id.as_str());
 }

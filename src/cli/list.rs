@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use chrono::DateTime;
+use serde_json::{json, Value};
 
 use walstream::generation;
 use walstream::replica::Replica;
@@ -21,44 +22,81 @@ async fn replica_of(target: &Target) -> Result<Replica> {
     Ok(replica)
 }
 
-pub async fn generations(target: Target) -> Result<ExitCode> {
+pub async fn generations(target: Target, json: bool) -> Result<ExitCode> {
     let replica = replica_of(&target).await?;
-    list_generations(&replica).await
+    list_generations(&replica, json).await
 }
 
-pub async fn snapshots(target: Target, generation: Option<String>) -> Result<ExitCode> {
+/// Rows for `--json`: printed as one array at the end.
+#[derive(Default)]
+struct JsonRows(Option<Vec<Value>>);
+
+impl JsonRows {
+    fn new(json: bool) -> JsonRows {
+        JsonRows(json.then(Vec::new))
+    }
+
+    fn on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn push(&mut self, v: Value) {
+        if let Some(rows) = &mut self.0 {
+            rows.push(v);
+        }
+    }
+
+    fn print(self) -> Result<ExitCode> {
+        if let Some(rows) = self.0 {
+            outln!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+pub async fn snapshots(target: Target, generation: Option<String>, json: bool) -> Result<ExitCode> {
     let replica = replica_of(&target).await?;
-    outln!(
-        "{:<22} {:>8} {:>12} {:<25}",
-        "generation",
-        "index",
-        "size",
-        "created"
-    );
+    let mut rows = JsonRows::new(json);
+    if !rows.on() {
+        outln!(
+            "{:<22} {:>8} {:>12} {:<25}",
+            "generation",
+            "index",
+            "size",
+            "created"
+        );
+    }
     for g in replica.generations().await? {
         if generation.as_ref().is_some_and(|id| *id != g.id) {
             continue;
         }
         for (index, ms, size) in &g.snapshots {
-            outln!("{:<22} {:>8} {:>12} {:<25}", g.id, index, size, fmt_ms(*ms));
+            if rows.on() {
+                rows.push(json!({"generation": g.id, "index": index, "size": size, "created": fmt_ms(*ms)}));
+            } else {
+                outln!("{:<22} {:>8} {:>12} {:<25}", g.id, index, size, fmt_ms(*ms));
+            }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    rows.print()
 }
 
 /// Segments as shipped and, where compaction merged them, the merged
 /// objects that now hold them (level 1 and up), in index order.
-pub async fn segments(target: Target, generation: Option<String>) -> Result<ExitCode> {
+pub async fn segments(target: Target, generation: Option<String>, json: bool) -> Result<ExitCode> {
     let replica = replica_of(&target).await?;
-    outln!(
-        "{:<22} {:>8} {:>8} {:>6} {:>12} {:<25}",
-        "generation",
-        "index",
-        "last",
-        "level",
-        "size",
-        "created"
-    );
+    let mut out = JsonRows::new(json);
+    if !out.on() {
+        outln!(
+            "{:<22} {:>8} {:>8} {:>6} {:>12} {:<25}",
+            "generation",
+            "index",
+            "last",
+            "level",
+            "size",
+            "created"
+        );
+    }
     for g in replica.generations().await? {
         if generation.as_ref().is_some_and(|id| *id != g.id) {
             continue;
@@ -75,6 +113,13 @@ pub async fn segments(target: Target, generation: Option<String>) -> Result<Exit
         );
         rows.sort_by_key(|r| (r.0, std::cmp::Reverse(r.2)));
         for (first, last, level, size, created) in rows {
+            if out.on() {
+                out.push(json!({
+                    "generation": g.id, "index": first, "last": last, "level": level,
+                    "size": size, "created": (!created.is_empty()).then_some(created),
+                }));
+                continue;
+            }
             outln!(
                 "{:<22} {:>8} {:>8} {:>6} {:>12} {:<25}",
                 g.id,
@@ -86,7 +131,7 @@ pub async fn segments(target: Target, generation: Option<String>) -> Result<Exit
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    out.print()
 }
 
 pub fn fmt_ms(ms: i64) -> String {
@@ -95,19 +140,22 @@ pub fn fmt_ms(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-async fn list_generations(replica: &Replica) -> Result<ExitCode> {
-    outln!(
-        "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25} {}",
-        "generation",
-        "first_pos",
-        "last_pos",
-        "snapshots",
-        "segments",
-        "compacted",
-        "start",
-        "end",
-        "continues"
-    );
+async fn list_generations(replica: &Replica, json: bool) -> Result<ExitCode> {
+    let mut out = JsonRows::new(json);
+    if !out.on() {
+        outln!(
+            "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25} {}",
+            "generation",
+            "first_pos",
+            "last_pos",
+            "snapshots",
+            "segments",
+            "compacted",
+            "start",
+            "end",
+            "continues"
+        );
+    }
     for g in replica.generations().await? {
         let start = generation::id_time(&g.id)
             .map(|t| t.timestamp_millis())
@@ -143,6 +191,15 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
         let follows = manifest
             .and_then(|m| m.follows.or(m.previous))
             .map(|l| l.to_string());
+        if out.on() {
+            out.push(json!({
+                "generation": g.id, "first_position": first, "last_position": last,
+                "snapshots": g.snapshots.len(), "segments": g.segments.len(),
+                "compacted": g.compacted.len(), "start": fmt_ms(start), "end": fmt_ms(end),
+                "continues": follows,
+            }));
+            continue;
+        }
         outln!(
             "{:<22} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<25} {:<25} {}",
             g.id,
@@ -156,5 +213,5 @@ async fn list_generations(replica: &Replica) -> Result<ExitCode> {
             follows.as_deref().unwrap_or("-")
         );
     }
-    Ok(ExitCode::SUCCESS)
+    out.print()
 }

@@ -9,12 +9,34 @@ use super::list::fmt_ms;
 use super::out::outln;
 use super::target::{check_exists, resolve_target, Target};
 
-pub async fn run(target: Target) -> Result<ExitCode> {
+pub async fn run(target: Target, json: bool) -> Result<ExitCode> {
     let resolved = resolve_target(&target).await?;
     check_exists(&resolved.target)?;
     let (replica, db) = (resolved.replica, resolved.db);
     let tmp = tempfile::tempdir().context("create a temporary directory")?;
     let report = walstream::verify::verify(&replica, db.as_deref(), tmp.path()).await?;
+    let code = if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
+    if json {
+        let v = serde_json::json!({
+            "replica": replica.location(),
+            "ok": report.ok(),
+            "generations": report.generations,
+            "objects": report.objects,
+            "faults": report.faults,
+            "not_compared": report.not_compared,
+            "restored": report.restored.as_ref().map(|(g, pos, ms)| serde_json::json!({
+                "generation": g, "position": pos, "time": fmt_ms(*ms),
+            })),
+            "compared_with": db.as_ref().filter(|_| report.compared_at.is_some()),
+            "compared_at_wal_offset": report.compared_at,
+        });
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(code);
+    }
     for f in &report.faults {
         outln!("fault: {f}");
     }

@@ -524,3 +524,64 @@ fn listings_and_verify_speak_json() {
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["restored"]["generation"], id.as_str());
 }
+
+/// The README's Python client, run as written (paths swapped for the
+/// test's) with the system python3: it commits, waits, and the commit is
+/// in the replica.
+#[test]
+fn the_readme_python_client_waits_for_durability() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("```python\n")
+        .find(|b| b.contains("def durable("))
+        .and_then(|b| b.split("```").next())
+        .expect("README has the Python client");
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let (cfg, socket) = config(
+        dir.path(),
+        &[(
+            &db,
+            format!("path: {}\n        sync-interval: 1s", replica.display()),
+        )],
+        "",
+    );
+    app(&db)
+        .execute_batch("CREATE TABLE payments(id INTEGER PRIMARY KEY, amount INTEGER)")
+        .unwrap();
+    let p = Proc::start(
+        &["--config", cfg.to_str().unwrap()],
+        &dir.path().join("w.log"),
+    );
+    p.wait_for("starting new generation", Duration::from_secs(30));
+    wait_for_socket(&socket);
+    let script = block
+        .replace("/var/run/walstream.sock", socket.to_str().unwrap())
+        .replace("/data/app.db", db.to_str().unwrap())
+        + "\nprint('acknowledged')\n";
+    let o = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("acknowledged"),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut p = p;
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    let out = dir.path().join("out.db");
+    restore_ok(&replica, &out, &[]);
+    let n: i64 = rusqlite::Connection::open(&out)
+        .unwrap()
+        .query_row("SELECT count(*) FROM payments WHERE id = 42", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(n, 1);
+}

@@ -431,6 +431,7 @@ fn replica_json(s: &Arc<ReplicaStatus>) -> serde_json::Value {
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))).flatten(),
         "lag_ms": (synced > 0).then(|| s.lag().as_millis() as u64),
         "last_error": s.last_error(),
+        "wal_size": s.wal_size(),
     })
 }
 
@@ -518,6 +519,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncRequest {
+    /// The database (`path` as Litestream's `sync` sends it).
+    #[serde(alias = "path")]
     pub db: String,
     #[serde(default = "yes")]
     pub wait: bool,

@@ -810,4 +810,114 @@ mod tests {
         let ok = Leased::wrap(storage.clone(), d.clone());
         ok.put("generations/x", vec![1]).await.unwrap();
     }
+
+    /// Storage that takes `If-None-Match` and ignores it (older MinIO, some
+    /// S3 clones): every create succeeds, overwriting.
+    #[derive(Debug, Default)]
+    struct Careless(MemoryStorage);
+
+    #[async_trait::async_trait]
+    impl crate::storage::Storage for Careless {
+        async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
+            self.0.put(key, data).await
+        }
+        async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+            self.0.get(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<crate::storage::ObjectMeta>, StorageError> {
+            self.0.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.0.delete(key).await
+        }
+        fn location(&self) -> String {
+            "s3://careless/x".into()
+        }
+        async fn create_new(&self, key: &str, data: Vec<u8>) -> Result<Conditional, StorageError> {
+            self.0.put(key, data).await?;
+            Ok(Conditional::Done("v".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn storage_that_ignores_conditional_writes_is_refused_unless_not_required() {
+        let storage: DynStorage = Arc::new(Careless::default());
+        let stop = Shutdown::new();
+        let e = lease(&storage, "/data/app.db", 1, 600, true)
+            .acquire(&stop)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ignores conditional writes") && e.contains("required: false"),
+            "{e}"
+        );
+        let target = ReplicaTarget::parse_url("s3://bucket/x").unwrap();
+        let relaxed = Lease::new(
+            storage.clone(),
+            &target,
+            Holder::me("/data/app.db"),
+            LeaseOptions {
+                required: false,
+                ..LeaseOptions::default()
+            },
+        );
+        relaxed.acquire(&stop).await.unwrap();
+        assert!(relaxed.valid() && !relaxed.exclusive());
+        // Writes go through as plain puts.
+        let gated = Leased::wrap(storage.clone(), relaxed.clone());
+        gated.put("generations/x", vec![1]).await.unwrap();
+        gated.put("generations/x", vec![2]).await.unwrap();
+        // The probe left nothing behind.
+        let left = storage.list("").await.unwrap();
+        assert!(left.iter().all(|o| !o.key.contains("probe")), "{left:?}");
+    }
+
+    /// A lease holder finding another's object where it meant to create one
+    /// has lost the replica: it writes nothing more. Its own retried write
+    /// (the same bytes) is not a loss.
+    #[tokio::test]
+    async fn finding_another_writers_object_loses_the_lease() {
+        let storage: DynStorage = Arc::new(MemoryStorage::new());
+        let stop = Shutdown::new();
+        let a = lease(&storage, "/data/app.db", 1, 60_000, true);
+        a.acquire(&stop).await.unwrap();
+        let gated = Leased::wrap(storage.clone(), a.clone());
+        gated
+            .put("generations/g/segments/1", vec![7; 10])
+            .await
+            .unwrap();
+        // The same bytes again (a retried request whose first try landed).
+        gated
+            .put("generations/g/segments/1", vec![7; 10])
+            .await
+            .unwrap();
+        assert!(a.valid());
+        // Someone else's object at the next key.
+        storage
+            .put("generations/g/segments/2", vec![9])
+            .await
+            .unwrap();
+        let e = gated
+            .put("generations/g/segments/2", vec![8])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another process wrote this object"), "{e}");
+        assert!(!a.valid());
+        assert_eq!(
+            storage.get("generations/g/segments/2").await.unwrap(),
+            vec![9]
+        );
+        assert!(gated
+            .put("generations/g/segments/3", vec![1])
+            .await
+            .is_err());
+        tokio::time::timeout(Duration::from_secs(1), a.lost())
+            .await
+            .expect("lost() resolves");
+    }
 }

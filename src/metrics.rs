@@ -552,6 +552,11 @@ impl ReplicaStatus {
         self.last_error.lock().unwrap().clone()
     }
 
+    /// The WAL's size at the last sync.
+    pub fn wal_size(&self) -> u64 {
+        self.wal_size.get().max(0) as u64
+    }
+
     /// When the last complete sync began (ms since the epoch; 0: never).
     pub fn synced_at_ms(&self) -> i64 {
         self.synced_at_ms.load(Ordering::Relaxed)

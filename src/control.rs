@@ -300,15 +300,27 @@ impl Api {
             }
         };
         match tokio::time::timeout(timeout, all).await {
-            Ok(()) => Ok(Reply::json(
-                StatusCode::OK,
-                json!({
-                    "db": handle.db,
-                    "durable": true,
-                    "waited_ms": started.elapsed().as_millis() as u64,
-                    "replicas": positions(&handle),
-                }),
-            )),
+            Ok(()) => {
+                let waited = started.elapsed().as_millis() as u64;
+                // Litestream's `sync` client reads path, txid and
+                // replicated_txid: positions stand in for its transaction
+                // ids.
+                let first = handle.statuses.first();
+                let shipped = first.and_then(|s| s.shipped()).map(|s| s.1);
+                Ok(Reply::json(
+                    StatusCode::OK,
+                    json!({
+                        "db": handle.db,
+                        "durable": true,
+                        "waited_ms": waited,
+                        "replicas": positions(&handle),
+                        "status": "synced",
+                        "path": handle.db,
+                        "txid": shipped.map(|p| p + first.map_or(0, |s| s.pending())),
+                        "replicated_txid": shipped,
+                    }),
+                ))
+            }
             Err(_) => {
                 let behind: Vec<String> = handle
                     .statuses

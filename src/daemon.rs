@@ -332,7 +332,9 @@ impl Daemon {
             let bounded = Bounded::wrap(storage::open(&rs.target).await, self.stop.clone());
             let holder = Holder::me(&absolute(&db.path).display().to_string());
             let lease = Lease::new(bounded.clone(), &rs.target, holder, rs.lease.clone());
-            let storage = Metered::wrap(Leased::wrap(bounded, lease.clone()), status.clone());
+            let sealed = crate::encryption::Encrypted::wrap(bounded, rs.age.as_ref())
+                .map_err(|e| Error::Invalid(format!("replica {}: age: {e}", rs.target)))?;
+            let storage = Metered::wrap(Leased::wrap(sealed, lease.clone()), status.clone());
             let replica = Replica::new(storage);
             leases.push(lease.clone());
             maintenance.push(tokio::spawn(
@@ -657,6 +659,15 @@ async fn maintain(
     .flatten()
     .min()
     .unwrap_or(rs.retention_check_interval);
+    // Compaction and validation read object bodies: with encryption and
+    // no identity at hand they cannot, so they do not run (retention
+    // needs only keys and goes on).
+    let blind = replica.encrypts() && !replica.decrypts();
+    if blind {
+        tracing::info!("the replica is encrypted and this process holds no age identity: no compaction or validation here (give `age: identities` to enable them)");
+    }
+    let compact_every = compact_every.filter(|_| !blind);
+    let validation_interval = rs.validation_interval.filter(|_| !blind);
     let start = tokio::time::Instant::now();
     let (mut compacted, mut pruned, mut validated) = (start, start, start);
     let mut clock = crate::retention::ClockWatch::default();
@@ -684,10 +695,7 @@ async fn maintain(
                 Err(e) => tracing::warn!(error = %e, "retention failed, will retry"),
             }
         }
-        if rs
-            .validation_interval
-            .is_some_and(|v| validated.elapsed() >= v)
-        {
+        if validation_interval.is_some_and(|v| validated.elapsed() >= v) {
             validated = tokio::time::Instant::now();
             let tmp = match tempfile::tempdir() {
                 Ok(t) => t,

@@ -10,6 +10,8 @@ use crate::storage::StorageError;
 pub enum Error {
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("object {key} in replica {location} is encrypted with age: reading it needs an identity (the replica's `age: identities`, or --age-identity FILE)")]
+    Encrypted { location: String, key: String },
     #[error("object {key} in {location} is corrupt: {source}")]
     Corrupt {
         location: String,

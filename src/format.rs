@@ -37,6 +37,24 @@ pub enum FormatError {
     Header(String),
     #[error("invalid body: {0}")]
     Body(String),
+    #[error("encrypted with age, and no identity to open it was given (the replica's `age: identities`, or --age-identity FILE)")]
+    Encrypted,
+}
+
+/// The header's `cipher` field, set while an object is still encrypted
+/// (see `encryption`).
+#[derive(serde::Deserialize)]
+struct CipherField {
+    #[serde(default)]
+    cipher: Option<String>,
+}
+
+/// Refuses a header whose object body is still encrypted.
+fn check_plain(data: &[u8], hlen: usize) -> Result<(), FormatError> {
+    match serde_json::from_slice::<CipherField>(&data[16..16 + hlen]) {
+        Ok(CipherField { cipher: Some(_) }) => Err(FormatError::Encrypted),
+        _ => Ok(()),
+    }
 }
 
 /// Encodes `header` and `body` into an object with the given magic.
@@ -121,8 +139,45 @@ pub fn decode_file<H: DeserializeOwned>(
     f.read_exact(&mut head[16..]).map_err(io_err)?;
     head.extend_from_slice(&[0u8; 32]);
     let header = decode_header_unverified::<H>(magic, kind, &head)?;
+    check_plain(&head, hlen as usize)?;
     let body = BufReader::with_capacity(1 << 20, f.take(len - 32 - 16 - hlen));
     Ok((header, Box::new(lz4_flex::frame::FrameDecoder::new(body))))
+}
+
+/// Verifies an object stored in a file and returns its header only: what
+/// a replicator needs of the newest object to resume (its body may be
+/// encrypted to keys this process does not hold).
+pub fn decode_file_header<H: DeserializeOwned>(
+    magic: &[u8; 8],
+    kind: &'static str,
+    path: &Path,
+) -> Result<H, FormatError> {
+    let io_err = |e: io::Error| FormatError::Body(format!("{}: {e}", path.display()));
+    let mut f = File::open(path).map_err(io_err)?;
+    let len = f.metadata().map_err(io_err)?.len();
+    if len < 16 + 32 {
+        return Err(FormatError::Truncated(len as usize));
+    }
+    let mut hash = Sha256::new();
+    let mut reader = BufReader::with_capacity(1 << 20, (&mut f).take(len - 32));
+    io::copy(&mut reader, &mut hash).map_err(io_err)?;
+    let mut sum = [0u8; 32];
+    f.read_exact(&mut sum).map_err(io_err)?;
+    if hash.finalize().as_slice() != sum {
+        return Err(FormatError::Checksum);
+    }
+    let mut prefix = [0u8; 16];
+    f.seek(SeekFrom::Start(0)).map_err(io_err)?;
+    f.read_exact(&mut prefix).map_err(io_err)?;
+    let hlen = u32::from_be_bytes(prefix[12..16].try_into().unwrap()) as u64;
+    if 16 + hlen + 32 > len {
+        return Err(FormatError::Truncated(len as usize));
+    }
+    let mut head = prefix.to_vec();
+    head.resize(16 + hlen as usize, 0);
+    f.read_exact(&mut head[16..]).map_err(io_err)?;
+    head.extend_from_slice(&[0u8; 32]);
+    decode_header_unverified::<H>(magic, kind, &head)
 }
 
 /// Buffered file writer for `encode_to`.
@@ -145,8 +200,9 @@ pub fn decode<H: DeserializeOwned>(
     if Sha256::digest(content).as_slice() != sum {
         return Err(FormatError::Checksum);
     }
-    let expected = body_len(&header)?;
     let hlen = u32::from_be_bytes(data[12..16].try_into().unwrap()) as usize;
+    check_plain(data, hlen)?;
+    let expected = body_len(&header)?;
     // Sized up front (growing by doubling copies the body again and again),
     // but never beyond what the compressed bytes could expand to.
     let compressed = &content[16 + hlen..];

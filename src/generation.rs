@@ -171,6 +171,10 @@ pub struct Manifest {
     /// leases; directory leases have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// Whether the generation's object bodies are encrypted (see
+    /// `encryption`); turning encryption on or off starts a new one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 /// A point in another generation: where a promoted follower's copy came

@@ -734,6 +734,14 @@ impl crate::storage::Storage for Leased {
         self.inner.local_path(key)
     }
 
+    fn encrypts(&self) -> bool {
+        self.inner.encrypts()
+    }
+
+    fn decrypts(&self) -> bool {
+        self.inner.decrypts()
+    }
+
     async fn get_file(&self, key: &str, path: &std::path::Path) -> Result<u64, StorageError> {
         self.inner.get_file(key, path).await
     }

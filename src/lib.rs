@@ -28,6 +28,7 @@ pub mod control;
 pub mod daemon;
 pub mod db;
 pub mod defaults;
+pub mod encryption;
 pub mod error;
 pub mod exec;
 pub mod fdlimit;

@@ -314,6 +314,7 @@ mod tests {
             follows: None,
             previous: None,
             epoch: None,
+            encrypted: false,
         };
         let e = check(&db, "s3://b/x", &tip("g7", 2), Some(&m), None, false).unwrap_err();
         assert!(e.to_string().contains("/elsewhere/other.db"), "{e}");

@@ -140,11 +140,7 @@ impl Replica {
                 .await
                 .map_err(|e| self.missing(&key, e))?;
         }
-        let (header, image) = snapshot::open_file(source).map_err(|source| Error::Corrupt {
-            location: self.location(),
-            key: key.clone(),
-            source,
-        })?;
+        let (header, image) = snapshot::open_file(source).map_err(|e| self.undecodable(&key, e))?;
         if header.generation != generation || header.index != index {
             return Err(self.bad(&key, "header does not match its key"));
         }
@@ -187,11 +183,7 @@ impl Replica {
                 Err(e) => return Err(e.into()),
             },
         };
-        let corrupt = |source| Error::Corrupt {
-            location: self.location(),
-            key: key.to_string(),
-            source,
-        };
+        let corrupt = |e| self.undecodable(key, e);
         let (header, body) =
             crate::format::decode_file::<SegmentHeader>(segment::MAGIC, "segment", &source)
                 .map_err(corrupt)?;
@@ -267,15 +259,62 @@ impl Replica {
         matches_key: impl Fn(&SegmentHeader) -> bool,
     ) -> Result<SegmentBody> {
         let data = self.get(key).await?;
-        let seg = segment::decode_body(&data).map_err(|source| Error::Corrupt {
-            location: self.location(),
-            key: key.to_string(),
-            source,
-        })?;
+        let seg = segment::decode_body(&data).map_err(|e| self.undecodable(key, e))?;
         if !matches_key(&seg.header) {
             return Err(self.bad(key, "header does not match its key"));
         }
         Ok(seg)
+    }
+
+    /// An object that does not decode: corrupt, or encrypted to keys this
+    /// process does not hold.
+    fn undecodable(&self, key: &str, source: crate::format::FormatError) -> Error {
+        match source {
+            crate::format::FormatError::Encrypted => Error::Encrypted {
+                location: self.location(),
+                key: key.to_string(),
+            },
+            source => Error::Corrupt {
+                location: self.location(),
+                key: key.to_string(),
+                source,
+            },
+        }
+    }
+
+    /// The verified header of the object at `key` (a segment-format object
+    /// or a snapshot), its body unread: enough to resume after it, with no
+    /// key to its (maybe encrypted) body.
+    pub async fn get_header<H: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        magic: &[u8; 8],
+        kind: &'static str,
+    ) -> Result<H> {
+        let tmp = tempfile::NamedTempFile::new()
+            .map_err(|e| Error::Invalid(format!("cannot create a temporary file: {e}")))?;
+        let source = match self.storage.local_path(key) {
+            Some(p) => p,
+            None => {
+                self.storage
+                    .get_file(key, tmp.path())
+                    .await
+                    .map_err(|e| self.missing(key, e))?;
+                tmp.path().to_path_buf()
+            }
+        };
+        crate::format::decode_file_header(magic, kind, &source)
+            .map_err(|e| self.undecodable(key, e))
+    }
+
+    /// Whether new objects are encrypted (see `encryption`).
+    pub fn encrypts(&self) -> bool {
+        self.storage.encrypts()
+    }
+
+    /// Whether encrypted objects can be read (an identity is at hand).
+    pub fn decrypts(&self) -> bool {
+        self.storage.decrypts()
     }
 
     /// Removes one object (missing is fine).

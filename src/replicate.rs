@@ -763,6 +763,7 @@ impl Replicator {
                 follows: follows.clone(),
                 previous,
                 epoch,
+                encrypted: s.replica().encrypts(),
             };
             if let Err(e) = s
                 .begin_generation(&manifest, &g.header, g.file.path(), g.cursor)

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 
 use crate::defaults;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::generation::Manifest;
 use crate::lineage::{Mark, Tip};
 use crate::metrics::{ReplicaStatus, State};
@@ -620,6 +620,21 @@ impl Shipper {
             position: 0,
             timestamp_ms: g.snapshots.last().map_or(0, |s| s.1),
         });
+        // Encryption turned on or off since: a new generation, so that no
+        // generation mixes plain and encrypted objects.
+        let encrypted = g.has_manifest
+            && self
+                .replica
+                .get_manifest(&g.id)
+                .await?
+                .is_some_and(|m| m.encrypted);
+        if encrypted != self.replica.encrypts() {
+            return Ok(Err(format!(
+                "encryption was turned {} since generation {}",
+                if encrypted { "off" } else { "on" },
+                g.id
+            )));
+        }
         let &(snap_index, snap_ms, _) = g.snapshots.last().expect("non-empty");
         // The newest object after the snapshot: a plain segment, or a merged
         // object once compaction has replaced the plain ones.
@@ -644,10 +659,39 @@ impl Shipper {
         });
         let (point, found_page_size, position, next_index) = match newest {
             Some(n) => {
-                let got = match n {
-                    Ok(i) => self.replica.get_segment(&g.id, i).await,
-                    Err(c) => self.replica.get_compacted(&g.id, &c).await,
+                // Its header only: the body may be encrypted to keys this
+                // process does not hold (see `encryption`).
+                let key = match n {
+                    Ok(i) => crate::generation::layout::segment(&g.id, i),
+                    Err(c) => crate::generation::layout::compacted(
+                        &g.id,
+                        c.level,
+                        c.first,
+                        c.last,
+                        c.timestamp_ms,
+                    ),
                 };
+                let got = self
+                    .replica
+                    .get_header::<SegmentHeader>(&key, crate::segment::MAGIC, "segment")
+                    .await
+                    .and_then(|header| {
+                        let (first, last) = match n {
+                            Ok(i) => (i, i),
+                            Err(c) => (c.first, c.last),
+                        };
+                        if header.generation == g.id
+                            && header.index == first
+                            && header.last_index() == last
+                        {
+                            Ok(crate::segment::Segment {
+                                header,
+                                pages: Default::default(),
+                            })
+                        } else {
+                            Err(self.replica.bad(&key, "header does not match its key"))
+                        }
+                    });
                 let seg = match got {
                     Ok(seg) => seg,
                     // A torn or foreign newest object proves nothing about
@@ -673,11 +717,10 @@ impl Shipper {
                 )
             }
             None => {
-                let tmp = tempfile::NamedTempFile::new()
-                    .io_ctx("create temporary file in", &std::env::temp_dir())?;
-                let (h, _) = self
+                let key = crate::generation::layout::snapshot(&g.id, snap_index, snap_ms);
+                let h: SnapshotHeader = self
                     .replica
-                    .get_snapshot_file(&g.id, snap_index, snap_ms, tmp.path())
+                    .get_header(&key, crate::snapshot::MAGIC, "snapshot")
                     .await?;
                 if let Some(t) = &mut self.tip {
                     t.position = h.position;
@@ -797,6 +840,7 @@ mod tests {
             follows: None,
             previous: None,
             epoch: None,
+            encrypted: false,
         };
         let header = SnapshotHeader {
             generation: id,

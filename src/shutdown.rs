@@ -167,6 +167,14 @@ impl Storage for Bounded {
         self.inner.local_path(key)
     }
 
+    fn encrypts(&self) -> bool {
+        self.inner.encrypts()
+    }
+
+    fn decrypts(&self) -> bool {
+        self.inner.decrypts()
+    }
+
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
         self.bound("get", key, self.inner.get_file(key, path)).await
     }

@@ -21,6 +21,11 @@ pub struct Target {
     /// type, `file` or `s3`) instead of the first.
     #[arg(long)]
     pub replica: Option<String>,
+    /// An age identity file (or `AGE-SECRET-KEY-1...`) to open an
+    /// encrypted replica with; repeatable, tried in turn, added to the
+    /// config's `age: identities`.
+    #[arg(long = "age-identity", value_name = "FILE")]
+    pub age_identity: Vec<String>,
     /// Replica URL or directory, or a database path from the config.
     pub target: String,
 }
@@ -50,9 +55,29 @@ pub fn config_path(explicit: Option<&Path>, defaults: &[&str]) -> Option<(PathBu
         .map(|p| (p, false))
 }
 
-/// Opens the storage behind a replica target.
-pub async fn open_replica(target: &ReplicaTarget) -> Result<Replica> {
-    Ok(Replica::new(storage::open(target).await))
+/// Opens the storage behind a replica target, through its encryption
+/// keys when it has any (see `walstream::encryption`).
+pub async fn open_replica(
+    target: &ReplicaTarget,
+    age: Option<&walstream::encryption::AgeSettings>,
+) -> Result<Replica> {
+    let storage = walstream::encryption::Encrypted::wrap(storage::open(target).await, age)
+        .map_err(|e| anyhow!("replica {target}: age: {e}"))?;
+    Ok(Replica::new(storage))
+}
+
+/// The keys a command reads a replica with: the configured ones, plus
+/// `--age-identity` files.
+fn age_keys(
+    configured: Option<&walstream::encryption::AgeSettings>,
+    flags: &[String],
+) -> Option<walstream::encryption::AgeSettings> {
+    if flags.is_empty() {
+        return configured.cloned();
+    }
+    let mut a = configured.cloned().unwrap_or_default();
+    a.identities.extend(flags.iter().cloned());
+    Some(a)
 }
 
 /// Parallel downloads for restore: the replica's `concurrency`, else 8.
@@ -134,8 +159,9 @@ pub async fn resolve_target(t: &Target) -> Result<Resolved> {
                     );
                 };
                 let target = replica.target.clone();
+                let age = age_keys(replica.age.as_ref(), &t.age_identity);
                 return Ok(Resolved {
-                    replica: open_replica(&target).await?,
+                    replica: open_replica(&target, age.as_ref()).await?,
                     concurrency: restore_concurrency(&target),
                     target,
                     db: Some(db.path.clone()),
@@ -173,8 +199,9 @@ pub async fn resolve_target(t: &Target) -> Result<Resolved> {
     }
     let target =
         ReplicaTarget::parse_url(&t.target).map_err(|e| anyhow!("replica {}: {e}", t.target))?;
+    let age = age_keys(None, &t.age_identity);
     Ok(Resolved {
-        replica: open_replica(&target).await?,
+        replica: open_replica(&target, age.as_ref()).await?,
         concurrency: restore_concurrency(&target),
         target,
         db: None,

@@ -69,6 +69,14 @@ impl Storage for Metered {
         self.inner.local_path(key)
     }
 
+    fn encrypts(&self) -> bool {
+        self.inner.encrypts()
+    }
+
+    fn decrypts(&self) -> bool {
+        self.inner.decrypts()
+    }
+
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
         let r = self.inner.get_file(key, path).await;
         self.count("get", r)

@@ -171,6 +171,17 @@ pub trait Storage: Send + Sync + fmt::Debug {
         }
     }
 
+    /// Whether object bodies are encrypted on the way in (see `encryption`).
+    fn encrypts(&self) -> bool {
+        false
+    }
+
+    /// Whether encrypted object bodies can be opened on the way out (an
+    /// age identity is at hand); plain storage reads everything.
+    fn decrypts(&self) -> bool {
+        true
+    }
+
     /// Downloads an object into a new file at `path`, returning its size.
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
         let data = self.get(key).await?;

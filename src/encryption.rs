@@ -1,0 +1,600 @@
+//! Client-side encryption: a stolen bucket reveals no rows.
+//!
+//! With `age:` on a replica, every object body (snapshots, segments,
+//! compacted objects) is encrypted with age to the replica's X25519
+//! recipients before it leaves the process, and decrypted with its
+//! identities after it comes back. Server-side encryption does not help
+//! against someone who reads the bucket with valid credentials; this does.
+//!
+//! What stays readable (see FORMAT.md): object keys (generation ids,
+//! indexes and times), sizes, and each object's envelope: magic, format
+//! version and JSON header (positions, page size and count, WAL salts and
+//! checksums, timestamps), plus `"cipher": "age"` in the header. Readable
+//! headers let a replicator that holds only the public recipients resume
+//! its generation after a restart, and let tools list what is what; they
+//! hold no row data. The body, the only place page contents live, is one
+//! age stream (ChaCha20-Poly1305 in 64 KiB chunks, authenticated), and the
+//! SHA-256 trailer covers the stored (encrypted) bytes, so corruption is
+//! found without a key.
+//!
+//! The layer is a [`Storage`] wrapper: the engine above never knows. It
+//! seals on the way in (needs recipients), opens on the way out (needs an
+//! identity; without one an encrypted object passes through unopened and
+//! the decoders say a key is required), and leaves manifests, the lease
+//! and anything else alone. A replica may hold plain and encrypted
+//! generations side by side; each object says which it is.
+
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+
+use crate::storage::{Conditional, DynStorage, ObjectMeta, Storage, StorageError, Version};
+
+/// The value of the header's `cipher` field in an encrypted object.
+pub const CIPHER: &str = "age";
+
+/// A replica's `age:` as configured: recipients (`age1...`) and identities
+/// (files holding `AGE-SECRET-KEY-1...` lines, or such a key itself).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgeSettings {
+    pub recipients: Vec<String>,
+    pub identities: Vec<String>,
+}
+
+/// Parsed keys.
+pub struct Keys {
+    recipients: Vec<age::x25519::Recipient>,
+    identities: Vec<age::x25519::Identity>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the identities.
+        f.debug_struct("Keys")
+            .field("recipients", &self.recipients.len())
+            .field("identities", &self.identities.len())
+            .finish()
+    }
+}
+
+impl Keys {
+    /// Parses recipients and identities; the error names the one at fault
+    /// (never a secret key's text).
+    pub fn parse(s: &AgeSettings) -> Result<Keys, String> {
+        let recipients = s
+            .recipients
+            .iter()
+            .map(|r| {
+                age::x25519::Recipient::from_str(r.trim()).map_err(|e| {
+                    format!("recipient {r:?} is not an age X25519 recipient (age1...): {e}")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut identities = Vec::new();
+        for i in &s.identities {
+            let i = i.trim();
+            if i.starts_with("AGE-SECRET-KEY-") {
+                identities.push(age::x25519::Identity::from_str(i).map_err(|e| {
+                    format!("an identity given inline is not an age X25519 identity: {e}")
+                })?);
+                continue;
+            }
+            let text = std::fs::read_to_string(i)
+                .map_err(|e| format!("identity file {i}: cannot read it: {e}"))?;
+            let before = identities.len();
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                identities.push(age::x25519::Identity::from_str(line).map_err(|e| {
+                    format!(
+                        "identity file {i}, line {}: not an age X25519 identity: {e}",
+                        n + 1
+                    )
+                })?);
+            }
+            if identities.len() == before {
+                return Err(format!("identity file {i} holds no identity"));
+            }
+        }
+        Ok(Keys {
+            recipients,
+            identities,
+        })
+    }
+
+    pub fn encrypts(&self) -> bool {
+        !self.recipients.is_empty()
+    }
+
+    pub fn decrypts(&self) -> bool {
+        !self.identities.is_empty()
+    }
+
+    fn encryptor(&self) -> io::Result<age::Encryptor> {
+        age::Encryptor::with_recipients(self.recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(io::Error::other)
+    }
+
+    fn decrypt<R: Read>(&self, input: R) -> io::Result<age::stream::StreamReader<R>> {
+        let d = age::Decryptor::new(input)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        d.decrypt(self.identities.iter().map(|i| i as &dyn age::Identity))
+            .map_err(|e| match e {
+                age::DecryptError::NoMatchingKeys => io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "none of the given age identities opens it (it is encrypted to other keys)",
+                ),
+                e => io::Error::new(io::ErrorKind::InvalidData, e),
+            })
+    }
+}
+
+/// Objects whose bodies are encrypted: snapshots, segments and compacted
+/// objects.
+fn sealed_kind(key: &str) -> bool {
+    key.ends_with(".segment") || key.ends_with(".snapshot")
+}
+
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// An object's envelope: its first 16 bytes and its JSON header.
+struct Envelope {
+    prefix: [u8; 12],
+    header: serde_json::Map<String, serde_json::Value>,
+    /// Bytes before the body.
+    body_at: u64,
+}
+
+fn bad(m: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, m.into())
+}
+
+fn read_envelope<R: Read>(r: &mut R, len: u64) -> io::Result<Envelope> {
+    let mut first = [0u8; 16];
+    r.read_exact(&mut first)?;
+    let hlen = u32::from_be_bytes(first[12..16].try_into().unwrap()) as u64;
+    if 16 + hlen + 32 > len {
+        return Err(bad(format!("object is truncated ({len} bytes)")));
+    }
+    let mut header = vec![0u8; hlen as usize];
+    r.read_exact(&mut header)?;
+    let header =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("invalid header: {e}")))?;
+    Ok(Envelope {
+        prefix: first[..12].try_into().unwrap(),
+        header,
+        body_at: 16 + hlen,
+    })
+}
+
+/// Writes an envelope with `header` and returns the writer for the body.
+fn write_envelope<W: Write>(
+    w: &mut W,
+    prefix: &[u8; 12],
+    header: &serde_json::Map<String, serde_json::Value>,
+) -> io::Result<()> {
+    let h = serde_json::to_vec(header).expect("header serializes");
+    w.write_all(prefix)?;
+    w.write_all(&(h.len() as u32).to_be_bytes())?;
+    w.write_all(&h)
+}
+
+/// Checks the SHA-256 trailer of the object `r` holds (`len` bytes).
+fn check_sum<R: Read + Seek>(r: &mut R, len: u64) -> io::Result<()> {
+    if len < 16 + 32 {
+        return Err(bad(format!("object is truncated ({len} bytes)")));
+    }
+    r.seek(SeekFrom::Start(0))?;
+    let mut hash = Sha256::new();
+    io::copy(
+        &mut BufReader::with_capacity(1 << 20, (&mut *r).take(len - 32)),
+        &mut hash,
+    )?;
+    let mut sum = [0u8; 32];
+    r.read_exact(&mut sum)?;
+    if hash.finalize().as_slice() != sum {
+        return Err(bad("checksum mismatch: object is corrupted"));
+    }
+    r.seek(SeekFrom::Start(0))?;
+    Ok(())
+}
+
+/// Seals the plain object in `src` (`len` bytes) into `out`: the same
+/// envelope with `cipher` added, the body encrypted, a new trailer.
+fn seal<R: Read + Seek, W: Write>(keys: &Keys, src: &mut R, len: u64, out: W) -> io::Result<W> {
+    src.seek(SeekFrom::Start(0))?;
+    let mut env = read_envelope(src, len)?;
+    if env.header.contains_key("cipher") {
+        return Err(bad("object is encrypted already"));
+    }
+    env.header
+        .insert("cipher".into(), serde_json::Value::String(CIPHER.into()));
+    let mut w = Hashing {
+        inner: out,
+        hash: Sha256::new(),
+    };
+    write_envelope(&mut w, &env.prefix, &env.header)?;
+    let body_len = len - env.body_at - 32;
+    let mut enc = keys.encryptor()?.wrap_output(&mut w)?;
+    io::copy(
+        &mut BufReader::with_capacity(1 << 20, src.take(body_len)),
+        &mut enc,
+    )?;
+    enc.finish()?;
+    let sum = w.hash.finalize_reset();
+    w.inner.write_all(&sum)?;
+    w.inner.flush()?;
+    Ok(w.inner)
+}
+
+/// Opens the object in `src` (`len` bytes) into `out` if it is encrypted
+/// (verifying its trailer first); `Ok(None)` if it is a plain object.
+fn open<R: Read + Seek, W: Write>(
+    keys: &Keys,
+    src: &mut R,
+    len: u64,
+    out: W,
+) -> io::Result<Option<W>> {
+    check_sum(src, len)?;
+    let mut env = read_envelope(src, len)?;
+    match env.header.remove("cipher") {
+        None => return Ok(None),
+        Some(serde_json::Value::String(c)) if c == CIPHER => {}
+        Some(other) => return Err(bad(format!("unknown cipher {other}"))),
+    }
+    let mut w = Hashing {
+        inner: out,
+        hash: Sha256::new(),
+    };
+    write_envelope(&mut w, &env.prefix, &env.header)?;
+    let body_len = len - env.body_at - 32;
+    let mut plain = keys.decrypt(BufReader::with_capacity(1 << 20, src.take(body_len)))?;
+    io::copy(&mut plain, &mut w)?;
+    let sum = w.hash.finalize_reset();
+    w.inner.write_all(&sum)?;
+    w.inner.flush()?;
+    Ok(Some(w.inner))
+}
+
+/// The storage wrapper (see the module doc).
+#[derive(Debug)]
+pub struct Encrypted {
+    inner: DynStorage,
+    keys: Arc<Keys>,
+}
+
+impl Encrypted {
+    /// `inner` behind `age` (as-is without it).
+    pub fn wrap(inner: DynStorage, age: Option<&AgeSettings>) -> Result<DynStorage, String> {
+        match age {
+            None => Ok(inner),
+            Some(a) => Ok(Arc::new(Encrypted {
+                inner,
+                keys: Arc::new(Keys::parse(a)?),
+            })),
+        }
+    }
+
+    fn err(&self, op: &'static str, key: &str, e: io::Error) -> StorageError {
+        StorageError::Backend {
+            op,
+            location: self.inner.location(),
+            key: key.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        key: &str,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .expect("encryption task")
+            .map_err(|e| self.err(op, key, e))
+    }
+
+    fn seal_bytes(&self, data: &[u8]) -> io::Result<Vec<u8>> {
+        seal(
+            &self.keys,
+            &mut io::Cursor::new(data),
+            data.len() as u64,
+            Vec::with_capacity(data.len() + 256),
+        )
+    }
+
+    /// A sealed copy of the file at `path`, beside it.
+    async fn seal_file(&self, key: &str, path: &Path) -> Result<TempPath, StorageError> {
+        let sealed = TempPath::beside(path);
+        let (keys, src, dst) = (self.keys.clone(), path.to_path_buf(), sealed.0.clone());
+        self.blocking("encrypt", key, move || {
+            let mut f = std::fs::File::open(&src)?;
+            let len = f.metadata()?.len();
+            let out = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&dst)?);
+            seal(&keys, &mut f, len, out)?
+                .into_inner()
+                .map_err(|e| e.into_error())?;
+            Ok(())
+        })
+        .await?;
+        Ok(sealed)
+    }
+}
+
+/// A temporary file removed when dropped.
+struct TempPath(PathBuf);
+
+impl TempPath {
+    fn beside(path: &Path) -> TempPath {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        TempPath(path.with_file_name(format!(".{name}.age.{:08x}", rand::random::<u32>())))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[async_trait]
+impl Storage for Encrypted {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
+        if !(sealed_kind(key) && self.keys.encrypts()) {
+            return self.inner.put(key, data).await;
+        }
+        let sealed = self
+            .seal_bytes(&data)
+            .map_err(|e| self.err("encrypt", key, e))?;
+        self.inner.put(key, sealed).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
+        let data = self.inner.get(key).await?;
+        if !(sealed_kind(key) && self.keys.decrypts()) {
+            return Ok(data);
+        }
+        let keys = self.keys.clone();
+        self.blocking("decrypt", key, move || {
+            let len = data.len() as u64;
+            let opened = open(&keys, &mut io::Cursor::new(&data), len, Vec::new())?;
+            Ok(opened.unwrap_or(data))
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        self.inner.delete(key).await
+    }
+
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
+        if !(sealed_kind(key) && self.keys.encrypts()) {
+            return self.inner.put_file(key, path).await;
+        }
+        let sealed = self.seal_file(key, path).await?;
+        self.inner.put_file(key, &sealed.0).await
+    }
+
+    /// Objects are read through `get_file`, which opens them.
+    fn local_path(&self, _key: &str) -> Option<PathBuf> {
+        None
+    }
+
+    async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
+        if !(sealed_kind(key) && self.keys.decrypts()) {
+            return self.inner.get_file(key, path).await;
+        }
+        let stored = TempPath::beside(path);
+        self.inner.get_file(key, &stored.0).await?;
+        let (keys, src, dst) = (self.keys.clone(), stored.0.clone(), path.to_path_buf());
+        self.blocking("decrypt", key, move || {
+            let mut f = std::fs::File::open(&src)?;
+            let len = f.metadata()?.len();
+            let out = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&dst)?);
+            match open(&keys, &mut f, len, out)? {
+                Some(w) => {
+                    w.into_inner().map_err(|e| e.into_error())?;
+                }
+                None => {
+                    std::fs::rename(&src, &dst)?;
+                }
+            }
+            Ok(std::fs::metadata(&dst)?.len())
+        })
+        .await
+    }
+
+    async fn create_new(&self, key: &str, data: Vec<u8>) -> Result<Conditional, StorageError> {
+        if !(sealed_kind(key) && self.keys.encrypts()) {
+            return self.inner.create_new(key, data).await;
+        }
+        let sealed = self
+            .seal_bytes(&data)
+            .map_err(|e| self.err("encrypt", key, e))?;
+        match self.inner.create_new(key, sealed.clone()).await? {
+            // Encryption is randomized: the stored object is this one's own
+            // earlier attempt (a retried request) only if it is these bytes.
+            Conditional::Conflict if self.inner.get(key).await? == sealed => {
+                Ok(Conditional::Done(String::new()))
+            }
+            c => Ok(c),
+        }
+    }
+
+    async fn create_new_file(&self, key: &str, path: &Path) -> Result<Conditional, StorageError> {
+        if !(sealed_kind(key) && self.keys.encrypts()) {
+            return self.inner.create_new_file(key, path).await;
+        }
+        let sealed = self.seal_file(key, path).await?;
+        match self.inner.create_new_file(key, &sealed.0).await? {
+            Conditional::Conflict => {
+                let there = TempPath::beside(path);
+                self.inner.get_file(key, &there.0).await?;
+                let (a, b) = (sealed.0.clone(), there.0.clone());
+                let same = self
+                    .blocking("compare", key, move || {
+                        Ok(std::fs::read(a)? == std::fs::read(b)?)
+                    })
+                    .await?;
+                Ok(if same {
+                    Conditional::Done(String::new())
+                } else {
+                    Conditional::Conflict
+                })
+            }
+            c => Ok(c),
+        }
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<(Vec<u8>, Version), StorageError> {
+        self.inner.get_versioned(key).await
+    }
+
+    async fn replace_if(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        version: &str,
+    ) -> Result<Conditional, StorageError> {
+        self.inner.replace_if(key, data, version).await
+    }
+
+    fn encrypts(&self) -> bool {
+        self.keys.encrypts()
+    }
+
+    fn decrypts(&self) -> bool {
+        self.keys.decrypts()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (Keys, String) {
+        let id = age::x25519::Identity::generate();
+        let secret = {
+            use age::secrecy::ExposeSecret;
+            id.to_string().expose_secret().to_string()
+        };
+        let k = Keys::parse(&AgeSettings {
+            recipients: vec![id.to_public().to_string()],
+            identities: vec![secret.clone()],
+        })
+        .unwrap();
+        (k, secret)
+    }
+
+    #[test]
+    fn sealed_objects_open_to_the_same_content() {
+        let (k, _) = keys();
+        let pages: Vec<u8> = b"MARKER-ROW-".repeat(5000);
+        let plain = crate::format::encode(b"WSSEGMNT", &serde_json::json!({"index": 3}), &pages);
+        let sealed = seal(
+            &k,
+            &mut io::Cursor::new(&plain),
+            plain.len() as u64,
+            Vec::new(),
+        )
+        .unwrap();
+        assert!(
+            !sealed.windows(11).any(|w| w == b"MARKER-ROW-"),
+            "plaintext in the sealed object"
+        );
+        let opened = open(
+            &k,
+            &mut io::Cursor::new(&sealed),
+            sealed.len() as u64,
+            Vec::new(),
+        )
+        .unwrap()
+        .unwrap();
+        let (h, body): (serde_json::Value, Vec<u8>) =
+            crate::format::decode(b"WSSEGMNT", "segment", &opened, |_| Ok(pages.len() as u64))
+                .unwrap();
+        assert_eq!(h["index"], 3);
+        assert!(h.get("cipher").is_none());
+        assert_eq!(body, pages);
+        // A plain object passes through.
+        assert!(open(
+            &k,
+            &mut io::Cursor::new(&plain),
+            plain.len() as u64,
+            Vec::new()
+        )
+        .unwrap()
+        .is_none());
+        // Altered or cut: refused.
+        let mut bad = sealed.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 1;
+        assert!(open(&k, &mut io::Cursor::new(&bad), bad.len() as u64, Vec::new()).is_err());
+        let cut = &sealed[..sealed.len() - 40];
+        assert!(open(&k, &mut io::Cursor::new(cut), cut.len() as u64, Vec::new()).is_err());
+        // Another key: refused, saying so.
+        let (other, _) = keys();
+        let e = open(
+            &other,
+            &mut io::Cursor::new(&sealed),
+            sealed.len() as u64,
+            Vec::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("none of the given age identities"), "{e}");
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let e = Keys::parse(&AgeSettings {
+            recipients: vec!["age1nope".into()],
+            identities: vec![],
+        })
+        .unwrap_err();
+        assert!(e.contains("age1nope"), "{e}");
+        let e = Keys::parse(&AgeSettings {
+            recipients: vec![],
+            identities: vec!["/no/such/key.txt".into()],
+        })
+        .unwrap_err();
+        assert!(e.contains("/no/such/key.txt"), "{e}");
+        let e = Keys::parse(&AgeSettings {
+            recipients: vec![],
+            identities: vec!["AGE-SECRET-KEY-1NOTAKEY".into()],
+        })
+        .unwrap_err();
+        assert!(!e.contains("NOTAKEY"), "a secret's text in an error: {e}");
+    }
+}

@@ -278,7 +278,11 @@ fn keys_rotate_and_mixed_histories_restore() {
         &dir.path().join("2.log"),
     );
     let latest_b = dir.path().join("latest-b.db");
-    restore_ok(&replica, &latest_b, &["--age-identity", b.to_str().unwrap()]);
+    restore_ok(
+        &replica,
+        &latest_b,
+        &["--age-identity", b.to_str().unwrap()],
+    );
     assert_same(&db, &latest_b);
     // B alone opens the new objects, not the older ones.
     let v = walstream(&["verify", "--age-identity", b.to_str().unwrap(), &url]);

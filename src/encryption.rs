@@ -207,10 +207,7 @@ fn check_sum<R: Read + Seek>(r: &mut R, len: u64) -> io::Result<()> {
     }
     r.seek(SeekFrom::Start(0))?;
     let mut hash = Sha256::new();
-    io::copy(
-        &mut BufReader::with_capacity(1 << 20, (&mut *r).take(len - 32)),
-        &mut hash,
-    )?;
+    io::copy(&mut (&mut *r).take(len - 32), &mut hash)?;
     let mut sum = [0u8; 32];
     r.read_exact(&mut sum)?;
     if hash.finalize().as_slice() != sum {
@@ -218,6 +215,16 @@ fn check_sum<R: Read + Seek>(r: &mut R, len: u64) -> io::Result<()> {
     }
     r.seek(SeekFrom::Start(0))?;
     Ok(())
+}
+
+/// Files are read through a buffer of this size (in-memory objects are
+/// read in place).
+const FILE_BUFFER: usize = 256 << 10;
+
+fn buffered(path: &Path) -> io::Result<(BufReader<std::fs::File>, u64)> {
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    Ok((BufReader::with_capacity(FILE_BUFFER, f), len))
 }
 
 /// Seals the plain object in `src` (`len` bytes) into `out`: the same
@@ -237,10 +244,7 @@ fn seal<R: Read + Seek, W: Write>(keys: &Keys, src: &mut R, len: u64, out: W) ->
     write_envelope(&mut w, &env.prefix, &env.header)?;
     let body_len = len - env.body_at - 32;
     let mut enc = keys.encryptor()?.wrap_output(&mut w)?;
-    io::copy(
-        &mut BufReader::with_capacity(1 << 20, src.take(body_len)),
-        &mut enc,
-    )?;
+    io::copy(&mut src.take(body_len), &mut enc)?;
     enc.finish()?;
     let sum = w.hash.finalize_reset();
     w.inner.write_all(&sum)?;
@@ -269,7 +273,7 @@ fn open<R: Read + Seek, W: Write>(
     };
     write_envelope(&mut w, &env.prefix, &env.header)?;
     let body_len = len - env.body_at - 32;
-    let mut plain = keys.decrypt(BufReader::with_capacity(1 << 20, src.take(body_len)))?;
+    let mut plain = keys.decrypt(src.take(body_len))?;
     io::copy(&mut plain, &mut w)?;
     let sum = w.hash.finalize_reset();
     w.inner.write_all(&sum)?;
@@ -331,9 +335,8 @@ impl Encrypted {
         let sealed = TempPath::beside(path);
         let (keys, src, dst) = (self.keys.clone(), path.to_path_buf(), sealed.0.clone());
         self.blocking("encrypt", key, move || {
-            let mut f = std::fs::File::open(&src)?;
-            let len = f.metadata()?.len();
-            let out = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&dst)?);
+            let (mut f, len) = buffered(&src)?;
+            let out = io::BufWriter::with_capacity(FILE_BUFFER, std::fs::File::create(&dst)?);
             seal(&keys, &mut f, len, out)?
                 .into_inner()
                 .map_err(|e| e.into_error())?;
@@ -369,6 +372,8 @@ impl Storage for Encrypted {
         let sealed = self
             .seal_bytes(&data)
             .map_err(|e| self.err("encrypt", key, e))?;
+        // Not held through the upload.
+        drop(data);
         self.inner.put(key, sealed).await
     }
 
@@ -415,19 +420,27 @@ impl Storage for Encrypted {
         if !(sealed_kind(key) && self.keys.decrypts()) {
             return self.inner.get_file(key, path).await;
         }
-        let stored = TempPath::beside(path);
-        self.inner.get_file(key, &stored.0).await?;
-        let (keys, src, dst) = (self.keys.clone(), stored.0.clone(), path.to_path_buf());
+        // A directory replica's object is read where it lies; others are
+        // downloaded first.
+        let (stored, _tmp) = match self.inner.local_path(key) {
+            Some(p) => (p, None),
+            None => {
+                let t = TempPath::beside(path);
+                self.inner.get_file(key, &t.0).await?;
+                (t.0.clone(), Some(t))
+            }
+        };
+        let (keys, dst) = (self.keys.clone(), path.to_path_buf());
         self.blocking("decrypt", key, move || {
-            let mut f = std::fs::File::open(&src)?;
-            let len = f.metadata()?.len();
-            let out = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&dst)?);
+            let (mut f, len) = buffered(&stored)?;
+            let out = io::BufWriter::with_capacity(FILE_BUFFER, std::fs::File::create(&dst)?);
             match open(&keys, &mut f, len, out)? {
                 Some(w) => {
                     w.into_inner().map_err(|e| e.into_error())?;
                 }
                 None => {
-                    std::fs::rename(&src, &dst)?;
+                    drop(f);
+                    std::fs::copy(&stored, &dst)?;
                 }
             }
             Ok(std::fs::metadata(&dst)?.len())
@@ -442,11 +455,19 @@ impl Storage for Encrypted {
         let sealed = self
             .seal_bytes(&data)
             .map_err(|e| self.err("encrypt", key, e))?;
-        match self.inner.create_new(key, sealed.clone()).await? {
+        // Not held through the upload.
+        drop(data);
+        let digest: [u8; 32] = Sha256::digest(&sealed).into();
+        match self.inner.create_new(key, sealed).await? {
             // Encryption is randomized: the stored object is this one's own
             // earlier attempt (a retried request) only if it is these bytes.
-            Conditional::Conflict if self.inner.get(key).await? == sealed => {
-                Ok(Conditional::Done(String::new()))
+            Conditional::Conflict => {
+                let there: [u8; 32] = Sha256::digest(self.inner.get(key).await?).into();
+                Ok(if there == digest {
+                    Conditional::Done(String::new())
+                } else {
+                    Conditional::Conflict
+                })
             }
             c => Ok(c),
         }

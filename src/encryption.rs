@@ -200,23 +200,6 @@ fn write_envelope<W: Write>(
     w.write_all(&h)
 }
 
-/// Checks the SHA-256 trailer of the object `r` holds (`len` bytes).
-fn check_sum<R: Read + Seek>(r: &mut R, len: u64) -> io::Result<()> {
-    if len < 16 + 32 {
-        return Err(bad(format!("object is truncated ({len} bytes)")));
-    }
-    r.seek(SeekFrom::Start(0))?;
-    let mut hash = Sha256::new();
-    io::copy(&mut (&mut *r).take(len - 32), &mut hash)?;
-    let mut sum = [0u8; 32];
-    r.read_exact(&mut sum)?;
-    if hash.finalize().as_slice() != sum {
-        return Err(bad("checksum mismatch: object is corrupted"));
-    }
-    r.seek(SeekFrom::Start(0))?;
-    Ok(())
-}
-
 /// Files are read through a buffer of this size (in-memory objects are
 /// read in place).
 const FILE_BUFFER: usize = 256 << 10;
@@ -260,8 +243,18 @@ fn open<R: Read + Seek, W: Write>(
     len: u64,
     out: W,
 ) -> io::Result<Option<W>> {
-    check_sum(src, len)?;
-    let mut env = read_envelope(src, len)?;
+    if len < 16 + 32 {
+        return Err(bad(format!("object is truncated ({len} bytes)")));
+    }
+    src.seek(SeekFrom::Start(0))?;
+    // One pass: the stored bytes are hashed as they are decrypted, and the
+    // trailer checked at the end (corruption is named as such even when
+    // decryption fails first).
+    let mut r = HashingReader {
+        inner: src.take(len - 32),
+        hash: Sha256::new(),
+    };
+    let mut env = read_envelope(&mut r, len)?;
     match env.header.remove("cipher") {
         None => return Ok(None),
         Some(serde_json::Value::String(c)) if c == CIPHER => {}
@@ -272,13 +265,35 @@ fn open<R: Read + Seek, W: Write>(
         hash: Sha256::new(),
     };
     write_envelope(&mut w, &env.prefix, &env.header)?;
-    let body_len = len - env.body_at - 32;
-    let mut plain = keys.decrypt(src.take(body_len))?;
-    io::copy(&mut plain, &mut w)?;
+    let decrypted = keys
+        .decrypt(&mut r)
+        .and_then(|mut plain| io::copy(&mut plain, &mut w));
+    // Whatever decryption left unread still counts for the trailer.
+    io::copy(&mut r, &mut io::sink())?;
+    let mut sum = [0u8; 32];
+    r.inner.into_inner().read_exact(&mut sum)?;
+    if r.hash.finalize().as_slice() != sum {
+        return Err(bad("checksum mismatch: object is corrupted"));
+    }
+    decrypted?;
     let sum = w.hash.finalize_reset();
     w.inner.write_all(&sum)?;
     w.inner.flush()?;
     Ok(Some(w.inner))
+}
+
+/// A reader that hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// The storage wrapper (see the module doc).

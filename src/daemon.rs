@@ -588,11 +588,13 @@ impl Daemon {
                     None
                 }
                 Some(why) = self.lease_lost.1.recv() => {
-                    // Another process replicates the database now. Without an
-                    // application to keep running, this one has nothing
-                    // left to do that is safe; with one, it stays (not
-                    // ready) for the application's sake.
-                    if app.is_none() {
+                    // Another process replicates the database now. A daemon
+                    // of that one database and no application has nothing
+                    // left to do; one with an application, or other
+                    // databases, stays (that database not ready) for their
+                    // sake.
+                    let only = self.settings.dirs.is_empty() && self.workers.len() <= 1;
+                    if app.is_none() && only {
                         tracing::error!(error = %why, "stopping: another process holds a replica's lease");
                         break 1;
                     }

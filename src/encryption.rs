@@ -17,11 +17,14 @@
 //! SHA-256 trailer covers the stored (encrypted) bytes, so corruption is
 //! found without a key.
 //!
-//! The layer is a [`Storage`] wrapper: the engine above never knows. It
-//! seals on the way in (needs recipients), opens on the way out (needs an
-//! identity; without one an encrypted object passes through unopened and
-//! the decoders say a key is required), and leaves manifests, the lease
-//! and anything else alone. A replica may hold plain and encrypted
+//! The keys live in a [`Storage`] wrapper, so the engine never deals with
+//! them: the replica's encoder seals segments and compacted objects as it
+//! writes them and its decoders open bodies as they read them, with the
+//! keys the storage gives ([`Storage::keys`]), in the same single pass as
+//! compression and checksums; the wrapper seals what arrives plain
+//! (snapshot files, written once for every replica of a database). Without
+//! an identity an encrypted body is refused with an error that says a key
+//! is required. Manifests, the lease and anything else stay as they are. A replica may hold plain and encrypted
 //! generations side by side; each object says which it is.
 
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
@@ -114,6 +117,16 @@ impl Keys {
 
     pub fn decrypts(&self) -> bool {
         !self.identities.is_empty()
+    }
+
+    /// An age stream to the recipients, written into `out`.
+    pub fn seal_stream<W: Write>(&self, out: W) -> io::Result<age::stream::StreamWriter<W>> {
+        self.encryptor()?.wrap_output(out)
+    }
+
+    /// The plaintext of the age stream `input`, opened with the identities.
+    pub fn open_stream<R: Read>(&self, input: R) -> io::Result<age::stream::StreamReader<R>> {
+        self.decrypt(input)
     }
 
     fn encryptor(&self) -> io::Result<age::Encryptor> {
@@ -235,65 +248,12 @@ fn seal<R: Read + Seek, W: Write>(keys: &Keys, src: &mut R, len: u64, out: W) ->
     Ok(w.inner)
 }
 
-/// Opens the object in `src` (`len` bytes) into `out` if it is encrypted
-/// (verifying its trailer first); `Ok(None)` if it is a plain object.
-fn open<R: Read + Seek, W: Write>(
-    keys: &Keys,
-    src: &mut R,
-    len: u64,
-    out: W,
-) -> io::Result<Option<W>> {
-    if len < 16 + 32 {
-        return Err(bad(format!("object is truncated ({len} bytes)")));
-    }
-    src.seek(SeekFrom::Start(0))?;
-    // One pass: the stored bytes are hashed as they are decrypted, and the
-    // trailer checked at the end (corruption is named as such even when
-    // decryption fails first).
-    let mut r = HashingReader {
-        inner: src.take(len - 32),
-        hash: Sha256::new(),
-    };
-    let mut env = read_envelope(&mut r, len)?;
-    match env.header.remove("cipher") {
-        None => return Ok(None),
-        Some(serde_json::Value::String(c)) if c == CIPHER => {}
-        Some(other) => return Err(bad(format!("unknown cipher {other}"))),
-    }
-    let mut w = Hashing {
-        inner: out,
-        hash: Sha256::new(),
-    };
-    write_envelope(&mut w, &env.prefix, &env.header)?;
-    let decrypted = keys
-        .decrypt(&mut r)
-        .and_then(|mut plain| io::copy(&mut plain, &mut w));
-    // Whatever decryption left unread still counts for the trailer.
-    io::copy(&mut r, &mut io::sink())?;
-    let mut sum = [0u8; 32];
-    r.inner.into_inner().read_exact(&mut sum)?;
-    if r.hash.finalize().as_slice() != sum {
-        return Err(bad("checksum mismatch: object is corrupted"));
-    }
-    decrypted?;
-    let sum = w.hash.finalize_reset();
-    w.inner.write_all(&sum)?;
-    w.inner.flush()?;
-    Ok(Some(w.inner))
-}
-
-/// A reader that hashes what is read through it.
-struct HashingReader<R> {
-    inner: R,
-    hash: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
+/// Whether the object (its first bytes) is sealed already: the replica
+/// encodes segments and compacted objects sealed (see `format`); only what
+/// arrives plain (snapshot files) is sealed here.
+fn is_sealed<R: Read>(r: &mut R, len: u64) -> io::Result<bool> {
+    let env = read_envelope(r, len)?;
+    Ok(env.header.contains_key("cipher"))
 }
 
 /// The storage wrapper (see the module doc).
@@ -336,6 +296,13 @@ impl Encrypted {
             .map_err(|e| self.err(op, key, e))
     }
 
+    /// Whether `data`, stored at `key`, is to be sealed here.
+    fn to_seal(&self, key: &str, data: &[u8]) -> bool {
+        sealed_kind(key)
+            && self.keys.encrypts()
+            && !is_sealed(&mut io::Cursor::new(data), data.len() as u64).unwrap_or(false)
+    }
+
     fn seal_bytes(&self, data: &[u8]) -> io::Result<Vec<u8>> {
         seal(
             &self.keys,
@@ -343,6 +310,15 @@ impl Encrypted {
             data.len() as u64,
             Vec::with_capacity(data.len() + 256),
         )
+    }
+
+    /// Whether the file at `path`, stored at `key`, is to be sealed here.
+    fn file_to_seal(&self, key: &str, path: &Path) -> bool {
+        sealed_kind(key)
+            && self.keys.encrypts()
+            && !buffered(path)
+                .and_then(|(mut f, len)| is_sealed(&mut f, len))
+                .unwrap_or(false)
     }
 
     /// A sealed copy of the file at `path`, beside it.
@@ -381,7 +357,7 @@ impl Drop for TempPath {
 #[async_trait]
 impl Storage for Encrypted {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StorageError> {
-        if !(sealed_kind(key) && self.keys.encrypts()) {
+        if !self.to_seal(key, &data) {
             return self.inner.put(key, data).await;
         }
         let sealed = self
@@ -392,18 +368,10 @@ impl Storage for Encrypted {
         self.inner.put(key, sealed).await
     }
 
+    /// Objects come back as stored: they are opened as they are decoded
+    /// (see `format`), with the keys from [`Storage::keys`].
     async fn get(&self, key: &str) -> Result<Vec<u8>, StorageError> {
-        let data = self.inner.get(key).await?;
-        if !(sealed_kind(key) && self.keys.decrypts()) {
-            return Ok(data);
-        }
-        let keys = self.keys.clone();
-        self.blocking("decrypt", key, move || {
-            let len = data.len() as u64;
-            let opened = open(&keys, &mut io::Cursor::new(&data), len, Vec::new())?;
-            Ok(opened.unwrap_or(data))
-        })
-        .await
+        self.inner.get(key).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
@@ -419,52 +387,23 @@ impl Storage for Encrypted {
     }
 
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
-        if !(sealed_kind(key) && self.keys.encrypts()) {
+        if !self.file_to_seal(key, path) {
             return self.inner.put_file(key, path).await;
         }
         let sealed = self.seal_file(key, path).await?;
         self.inner.put_file(key, &sealed.0).await
     }
 
-    /// Objects are read through `get_file`, which opens them.
-    fn local_path(&self, _key: &str) -> Option<PathBuf> {
-        None
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.inner.local_path(key)
     }
 
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
-        if !(sealed_kind(key) && self.keys.decrypts()) {
-            return self.inner.get_file(key, path).await;
-        }
-        // A directory replica's object is read where it lies; others are
-        // downloaded first.
-        let (stored, _tmp) = match self.inner.local_path(key) {
-            Some(p) => (p, None),
-            None => {
-                let t = TempPath::beside(path);
-                self.inner.get_file(key, &t.0).await?;
-                (t.0.clone(), Some(t))
-            }
-        };
-        let (keys, dst) = (self.keys.clone(), path.to_path_buf());
-        self.blocking("decrypt", key, move || {
-            let (mut f, len) = buffered(&stored)?;
-            let out = io::BufWriter::with_capacity(FILE_BUFFER, std::fs::File::create(&dst)?);
-            match open(&keys, &mut f, len, out)? {
-                Some(w) => {
-                    w.into_inner().map_err(|e| e.into_error())?;
-                }
-                None => {
-                    drop(f);
-                    std::fs::copy(&stored, &dst)?;
-                }
-            }
-            Ok(std::fs::metadata(&dst)?.len())
-        })
-        .await
+        self.inner.get_file(key, path).await
     }
 
     async fn create_new(&self, key: &str, data: Vec<u8>) -> Result<Conditional, StorageError> {
-        if !(sealed_kind(key) && self.keys.encrypts()) {
+        if !self.to_seal(key, &data) {
             return self.inner.create_new(key, data).await;
         }
         let sealed = self
@@ -489,7 +428,7 @@ impl Storage for Encrypted {
     }
 
     async fn create_new_file(&self, key: &str, path: &Path) -> Result<Conditional, StorageError> {
-        if !(sealed_kind(key) && self.keys.encrypts()) {
+        if !self.file_to_seal(key, path) {
             return self.inner.create_new_file(key, path).await;
         }
         let sealed = self.seal_file(key, path).await?;
@@ -526,12 +465,8 @@ impl Storage for Encrypted {
         self.inner.replace_if(key, data, version).await
     }
 
-    fn encrypts(&self) -> bool {
-        self.keys.encrypts()
-    }
-
-    fn decrypts(&self) -> bool {
-        self.keys.decrypts()
+    fn keys(&self) -> Option<Arc<Keys>> {
+        Some(self.keys.clone())
     }
 }
 
@@ -557,59 +492,51 @@ mod tests {
     fn sealed_objects_open_to_the_same_content() {
         let (k, _) = keys();
         let pages: Vec<u8> = b"MARKER-ROW-".repeat(5000);
-        let plain = crate::format::encode(b"WSSEGMNT", &serde_json::json!({"index": 3}), &pages);
-        let sealed = seal(
+        let header = serde_json::json!({"index": 3});
+        let len = |_: &serde_json::Value| Ok(pages.len() as u64);
+        let decode = |obj: &[u8], keys: Option<&Keys>| {
+            crate::format::decode_with(b"WSSEGMNT", "segment", obj, keys, len)
+        };
+        // Sealed as encoded, and sealed here from a plain object: both open.
+        let direct = crate::format::encode_with(b"WSSEGMNT", &header, Vec::new(), Some(&k), |w| {
+            w.write_all(&pages)
+        })
+        .unwrap();
+        let plain = crate::format::encode(b"WSSEGMNT", &header, &pages);
+        let wrapped = seal(
             &k,
             &mut io::Cursor::new(&plain),
             plain.len() as u64,
             Vec::new(),
         )
         .unwrap();
-        assert!(
-            !sealed.windows(11).any(|w| w == b"MARKER-ROW-"),
-            "plaintext in the sealed object"
-        );
-        let opened = open(
-            &k,
-            &mut io::Cursor::new(&sealed),
-            sealed.len() as u64,
-            Vec::new(),
-        )
-        .unwrap()
-        .unwrap();
-        let (h, body): (serde_json::Value, Vec<u8>) =
-            crate::format::decode(b"WSSEGMNT", "segment", &opened, |_| Ok(pages.len() as u64))
-                .unwrap();
-        assert_eq!(h["index"], 3);
-        assert!(h.get("cipher").is_none());
-        assert_eq!(body, pages);
-        // A plain object passes through.
-        assert!(open(
-            &k,
-            &mut io::Cursor::new(&plain),
-            plain.len() as u64,
-            Vec::new()
-        )
-        .unwrap()
-        .is_none());
-        // Altered or cut: refused.
-        let mut bad = sealed.clone();
-        let at = bad.len() / 2;
-        bad[at] ^= 1;
-        assert!(open(&k, &mut io::Cursor::new(&bad), bad.len() as u64, Vec::new()).is_err());
-        let cut = &sealed[..sealed.len() - 40];
-        assert!(open(&k, &mut io::Cursor::new(cut), cut.len() as u64, Vec::new()).is_err());
-        // Another key: refused, saying so.
-        let (other, _) = keys();
-        let e = open(
-            &other,
-            &mut io::Cursor::new(&sealed),
-            sealed.len() as u64,
-            Vec::new(),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("none of the given age identities"), "{e}");
+        for sealed in [&direct, &wrapped] {
+            assert!(
+                !sealed.windows(11).any(|w| w == b"MARKER-ROW-"),
+                "plaintext in the sealed object"
+            );
+            let (h, body): (serde_json::Value, Vec<u8>) = decode(sealed, Some(&k)).unwrap();
+            assert_eq!(h["index"], 3);
+            assert_eq!(body, pages);
+            // No key: refused as encrypted; a plain object needs none.
+            assert!(matches!(
+                decode(sealed, None),
+                Err(crate::format::FormatError::Encrypted)
+            ));
+            // Altered or cut: refused.
+            let mut bad = sealed.clone();
+            let at = bad.len() / 2;
+            bad[at] ^= 1;
+            assert!(decode(&bad, Some(&k)).is_err());
+            assert!(decode(&sealed[..sealed.len() - 40], Some(&k)).is_err());
+            // Another key: refused, saying so.
+            let (other, _) = keys();
+            let e = decode(sealed, Some(&other)).unwrap_err().to_string();
+            assert!(e.contains("none of the given age identities"), "{e}");
+        }
+        assert!(decode(&plain, None).is_ok());
+        assert!(is_sealed(&mut io::Cursor::new(&direct), direct.len() as u64).unwrap());
+        assert!(!is_sealed(&mut io::Cursor::new(&plain), plain.len() as u64).unwrap());
     }
 
     #[test]

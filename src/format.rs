@@ -17,6 +17,8 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use serde::{de::DeserializeOwned, Serialize};
+
+use crate::encryption::Keys;
 use sha2::{Digest, Sha256};
 
 /// Current on-storage format version.
@@ -39,6 +41,8 @@ pub enum FormatError {
     Body(String),
     #[error("encrypted with age, and no identity to open it was given (the replica's `age: identities`, or --age-identity FILE)")]
     Encrypted,
+    #[error("{0}")]
+    Decrypt(String),
 }
 
 /// The header's `cipher` field, set while an object is still encrypted
@@ -49,12 +53,29 @@ struct CipherField {
     cipher: Option<String>,
 }
 
-/// Refuses a header whose object body is still encrypted.
-fn check_plain(data: &[u8], hlen: usize) -> Result<(), FormatError> {
+/// The keys to open an object's body with: `None` for a plain object, an
+/// error for an encrypted one and no identity.
+fn opener<'k>(
+    data: &[u8],
+    hlen: usize,
+    keys: Option<&'k Keys>,
+) -> Result<Option<&'k Keys>, FormatError> {
     match serde_json::from_slice::<CipherField>(&data[16..16 + hlen]) {
-        Ok(CipherField { cipher: Some(_) }) => Err(FormatError::Encrypted),
-        _ => Ok(()),
+        Ok(CipherField { cipher: Some(c) }) if c == crate::encryption::CIPHER => {
+            match keys.filter(|k| k.decrypts()) {
+                Some(k) => Ok(Some(k)),
+                None => Err(FormatError::Encrypted),
+            }
+        }
+        Ok(CipherField { cipher: Some(c) }) => {
+            Err(FormatError::Header(format!("unknown cipher {c:?}")))
+        }
+        _ => Ok(None),
     }
+}
+
+fn decrypt_err(e: io::Error) -> FormatError {
+    FormatError::Decrypt(e.to_string())
 }
 
 /// Encodes `header` and `body` into an object with the given magic.
@@ -87,7 +108,29 @@ pub fn encode_to<H: Serialize, W: Write>(
     out: W,
     body: impl FnOnce(&mut dyn Write) -> io::Result<()>,
 ) -> io::Result<W> {
-    let header = serde_json::to_vec(header).expect("header serializes");
+    encode_with(magic, header, out, None, body)
+}
+
+/// [`encode_to`], sealed when `keys` encrypt: the header says `cipher`,
+/// and the compressed body is one age stream (see `encryption`).
+pub fn encode_with<H: Serialize, W: Write>(
+    magic: &[u8; 8],
+    header: &H,
+    out: W,
+    keys: Option<&Keys>,
+    body: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<W> {
+    let keys = keys.filter(|k| k.encrypts());
+    let header = match keys {
+        None => serde_json::to_vec(header).expect("header serializes"),
+        Some(_) => {
+            let mut v = serde_json::to_value(header).expect("header serializes");
+            if let Some(m) = v.as_object_mut() {
+                m.insert("cipher".into(), crate::encryption::CIPHER.into());
+            }
+            serde_json::to_vec(&v).expect("header serializes")
+        }
+    };
     let mut w = Hashing {
         inner: out,
         hash: Sha256::new(),
@@ -96,9 +139,18 @@ pub fn encode_to<H: Serialize, W: Write>(
     w.write_all(&FORMAT_VERSION.to_be_bytes())?;
     w.write_all(&(header.len() as u32).to_be_bytes())?;
     w.write_all(&header)?;
-    let mut enc = lz4_flex::frame::FrameEncoder::new(w);
-    body(&mut enc)?;
-    let mut w = enc.finish().map_err(io::Error::other)?;
+    let mut w = match keys {
+        None => {
+            let mut enc = lz4_flex::frame::FrameEncoder::new(w);
+            body(&mut enc)?;
+            enc.finish().map_err(io::Error::other)?
+        }
+        Some(k) => {
+            let mut enc = lz4_flex::frame::FrameEncoder::new(k.seal_stream(w)?);
+            body(&mut enc)?;
+            enc.finish().map_err(io::Error::other)?.finish()?
+        }
+    };
     let sum = w.hash.finalize_reset();
     w.inner.write_all(&sum)?;
     w.inner.flush()?;
@@ -111,6 +163,16 @@ pub fn decode_file<H: DeserializeOwned>(
     magic: &[u8; 8],
     kind: &'static str,
     path: &Path,
+) -> Result<(H, Box<dyn Read + Send>), FormatError> {
+    decode_file_with(magic, kind, path, None)
+}
+
+/// [`decode_file`], opening an encrypted body with `keys`.
+pub fn decode_file_with<H: DeserializeOwned>(
+    magic: &[u8; 8],
+    kind: &'static str,
+    path: &Path,
+    keys: Option<&Keys>,
 ) -> Result<(H, Box<dyn Read + Send>), FormatError> {
     let io_err = |e: io::Error| FormatError::Body(format!("{}: {e}", path.display()));
     let mut f = File::open(path).map_err(io_err)?;
@@ -139,9 +201,15 @@ pub fn decode_file<H: DeserializeOwned>(
     f.read_exact(&mut head[16..]).map_err(io_err)?;
     head.extend_from_slice(&[0u8; 32]);
     let header = decode_header_unverified::<H>(magic, kind, &head)?;
-    check_plain(&head, hlen as usize)?;
+    let opener = opener(&head, hlen as usize, keys)?;
     let body = BufReader::with_capacity(1 << 20, f.take(len - 32 - 16 - hlen));
-    Ok((header, Box::new(lz4_flex::frame::FrameDecoder::new(body))))
+    let body: Box<dyn Read + Send> = match opener {
+        None => Box::new(lz4_flex::frame::FrameDecoder::new(body)),
+        Some(k) => Box::new(lz4_flex::frame::FrameDecoder::new(BufReader::new(
+            k.open_stream(body).map_err(decrypt_err)?,
+        ))),
+    };
+    Ok((header, body))
 }
 
 /// Verifies an object stored in a file and returns its header only: what
@@ -195,22 +263,45 @@ pub fn decode<H: DeserializeOwned>(
     data: &[u8],
     body_len: impl FnOnce(&H) -> Result<u64, FormatError>,
 ) -> Result<(H, Vec<u8>), FormatError> {
+    decode_with(magic, kind, data, None, body_len)
+}
+
+/// [`decode`], opening an encrypted body with `keys`.
+pub fn decode_with<H: DeserializeOwned>(
+    magic: &[u8; 8],
+    kind: &'static str,
+    data: &[u8],
+    keys: Option<&Keys>,
+    body_len: impl FnOnce(&H) -> Result<u64, FormatError>,
+) -> Result<(H, Vec<u8>), FormatError> {
     let header = decode_header_unverified::<H>(magic, kind, data)?;
     let (content, sum) = data.split_at(data.len() - 32);
     if Sha256::digest(content).as_slice() != sum {
         return Err(FormatError::Checksum);
     }
     let hlen = u32::from_be_bytes(data[12..16].try_into().unwrap()) as usize;
-    check_plain(data, hlen)?;
+    let opener = opener(data, hlen, keys)?;
     let expected = body_len(&header)?;
     // Sized up front (growing by doubling copies the body again and again),
     // but never beyond what the compressed bytes could expand to.
     let compressed = &content[16 + hlen..];
     let mut body = Vec::with_capacity(expected.min(compressed.len() as u64 * 256) as usize);
-    lz4_flex::frame::FrameDecoder::new(compressed)
+    match opener {
+        None => lz4_flex::frame::FrameDecoder::new(compressed)
+            .take(expected.saturating_add(1))
+            .read_to_end(&mut body),
+        Some(k) => lz4_flex::frame::FrameDecoder::new(BufReader::new(
+            k.open_stream(compressed).map_err(decrypt_err)?,
+        ))
         .take(expected.saturating_add(1))
-        .read_to_end(&mut body)
-        .map_err(|e| FormatError::Body(e.to_string()))?;
+        .read_to_end(&mut body),
+    }
+    .map_err(|e| match e.kind() {
+        io::ErrorKind::InvalidData if opener.is_some() => {
+            FormatError::Decrypt(format!("its encrypted body does not open: {e}"))
+        }
+        _ => FormatError::Body(e.to_string()),
+    })?;
     if body.len() as u64 != expected {
         return Err(FormatError::Body(format!(
             "{} bytes{}, the header says {expected}",

@@ -107,7 +107,7 @@ impl Replica {
         header: &SegmentHeader,
         pages: &BTreeMap<u32, Vec<u8>>,
     ) -> Result<u64> {
-        let data = segment::encode(header, pages);
+        let data = segment::encode_with(header, pages, self.storage.keys().as_deref());
         let len = data.len() as u64;
         self.storage
             .put(&layout::segment(&header.generation, header.index), data)
@@ -140,7 +140,8 @@ impl Replica {
                 .await
                 .map_err(|e| self.missing(&key, e))?;
         }
-        let (header, image) = snapshot::open_file(source).map_err(|e| self.undecodable(&key, e))?;
+        let (header, image) = snapshot::open_file_with(source, self.storage.keys().as_deref())
+            .map_err(|e| self.undecodable(&key, e))?;
         if header.generation != generation || header.index != index {
             return Err(self.bad(&key, "header does not match its key"));
         }
@@ -184,9 +185,13 @@ impl Replica {
             },
         };
         let corrupt = |e| self.undecodable(key, e);
-        let (header, body) =
-            crate::format::decode_file::<SegmentHeader>(segment::MAGIC, "segment", &source)
-                .map_err(corrupt)?;
+        let (header, body) = crate::format::decode_file_with::<SegmentHeader>(
+            segment::MAGIC,
+            "segment",
+            &source,
+            self.storage.keys().as_deref(),
+        )
+        .map_err(corrupt)?;
         segment::check_page_size(header.page_size).map_err(corrupt)?;
         if !matches_key(&header) {
             return Err(self.bad(key, "header does not match its key"));
@@ -227,7 +232,7 @@ impl Replica {
             h.last_index(),
             h.timestamp_ms,
         );
-        let data = segment::encode(h, &seg.pages);
+        let data = segment::encode_with(h, &seg.pages, self.storage.keys().as_deref());
         let len = data.len() as u64;
         self.storage.put(&key, data).await?;
         Ok((key, len))
@@ -259,7 +264,8 @@ impl Replica {
         matches_key: impl Fn(&SegmentHeader) -> bool,
     ) -> Result<SegmentBody> {
         let data = self.get(key).await?;
-        let seg = segment::decode_body(&data).map_err(|e| self.undecodable(key, e))?;
+        let seg = segment::decode_body_with(&data, self.storage.keys().as_deref())
+            .map_err(|e| self.undecodable(key, e))?;
         if !matches_key(&seg.header) {
             return Err(self.bad(key, "header does not match its key"));
         }
@@ -273,6 +279,11 @@ impl Replica {
             crate::format::FormatError::Encrypted => Error::Encrypted {
                 location: self.location(),
                 key: key.to_string(),
+            },
+            crate::format::FormatError::Decrypt(message) => Error::BadObject {
+                location: self.location(),
+                key: key.to_string(),
+                message,
             },
             source => Error::Corrupt {
                 location: self.location(),
@@ -309,12 +320,13 @@ impl Replica {
 
     /// Whether new objects are encrypted (see `encryption`).
     pub fn encrypts(&self) -> bool {
-        self.storage.encrypts()
+        self.storage.keys().is_some_and(|k| k.encrypts())
     }
 
-    /// Whether encrypted objects can be read (an identity is at hand).
+    /// Whether encrypted objects can be read: not encrypted, or an
+    /// identity is at hand.
     pub fn decrypts(&self) -> bool {
-        self.storage.decrypts()
+        self.storage.keys().is_none_or(|k| k.decrypts())
     }
 
     /// Removes one object (missing is fine).

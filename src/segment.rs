@@ -117,8 +117,17 @@ pub struct Segment {
 /// Encodes a segment; the body is `page_count` records of a big-endian u32
 /// page number followed by the page.
 pub fn encode(header: &SegmentHeader, pages: &BTreeMap<u32, Vec<u8>>) -> Vec<u8> {
+    encode_with(header, pages, None)
+}
+
+/// [`encode`], sealed with `keys` when they encrypt (see `encryption`).
+pub fn encode_with(
+    header: &SegmentHeader,
+    pages: &BTreeMap<u32, Vec<u8>>,
+    keys: Option<&crate::encryption::Keys>,
+) -> Vec<u8> {
     // Pages stream straight into the compressor: no uncompressed copy.
-    format::encode_to(MAGIC, header, Vec::new(), |w| {
+    format::encode_with(MAGIC, header, Vec::new(), keys, |w| {
         for (pgno, page) in pages {
             debug_assert_eq!(page.len(), header.page_size as usize);
             w.write_all(&pgno.to_be_bytes())?;
@@ -267,8 +276,16 @@ pub fn decode(data: &[u8]) -> Result<Segment, FormatError> {
 
 /// Decodes and fully verifies a segment, leaving its pages in the body.
 pub fn decode_body(data: &[u8]) -> Result<SegmentBody, FormatError> {
+    decode_body_with(data, None)
+}
+
+/// [`decode_body`], opening an encrypted body with `keys`.
+pub fn decode_body_with(
+    data: &[u8],
+    keys: Option<&crate::encryption::Keys>,
+) -> Result<SegmentBody, FormatError> {
     let (header, body): (SegmentHeader, Vec<u8>) =
-        format::decode(MAGIC, "segment", data, |h: &SegmentHeader| {
+        format::decode_with(MAGIC, "segment", data, keys, |h: &SegmentHeader| {
             check_page_size(h.page_size)?;
             let ps = h.page_size as u64;
             h.page_count

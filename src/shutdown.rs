@@ -167,12 +167,8 @@ impl Storage for Bounded {
         self.inner.local_path(key)
     }
 
-    fn encrypts(&self) -> bool {
-        self.inner.encrypts()
-    }
-
-    fn decrypts(&self) -> bool {
-        self.inner.decrypts()
+    fn keys(&self) -> Option<std::sync::Arc<crate::encryption::Keys>> {
+        self.inner.keys()
     }
 
     async fn get_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {

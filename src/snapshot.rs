@@ -51,7 +51,15 @@ pub fn write_file(
 pub fn open_file(
     path: &std::path::Path,
 ) -> Result<(SnapshotHeader, Box<dyn std::io::Read + Send>), FormatError> {
-    format::decode_file(MAGIC, "snapshot", path)
+    open_file_with(path, None)
+}
+
+/// [`open_file`], opening an encrypted image with `keys`.
+pub fn open_file_with(
+    path: &std::path::Path,
+    keys: Option<&crate::encryption::Keys>,
+) -> Result<(SnapshotHeader, Box<dyn std::io::Read + Send>), FormatError> {
+    format::decode_file_with(MAGIC, "snapshot", path, keys)
 }
 
 /// Why an image of `read` bytes does not match a header of `db_pages` pages

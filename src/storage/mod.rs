@@ -171,15 +171,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
         }
     }
 
-    /// Whether object bodies are encrypted on the way in (see `encryption`).
-    fn encrypts(&self) -> bool {
-        false
-    }
-
-    /// Whether encrypted object bodies can be opened on the way out (an
-    /// age identity is at hand); plain storage reads everything.
-    fn decrypts(&self) -> bool {
-        true
+    /// The replica's encryption keys (see `encryption`): objects are
+    /// sealed and opened with them as they are encoded and decoded.
+    fn keys(&self) -> Option<std::sync::Arc<crate::encryption::Keys>> {
+        None
     }
 
     /// Downloads an object into a new file at `path`, returning its size.

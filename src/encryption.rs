@@ -35,6 +35,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
+use crate::format::Hashing;
 use crate::storage::{Conditional, DynStorage, ObjectMeta, Storage, StorageError, Version};
 
 /// The value of the header's `cipher` field in an encrypted object.
@@ -152,23 +153,6 @@ impl Keys {
 /// objects.
 fn sealed_kind(key: &str) -> bool {
     key.ends_with(".segment") || key.ends_with(".snapshot")
-}
-
-/// A writer that hashes what passes through it.
-struct Hashing<W> {
-    inner: W,
-    hash: Sha256,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// An object's envelope: its first 16 bytes and its JSON header.

@@ -84,9 +84,9 @@ pub fn encode<H: Serialize>(magic: &[u8; 8], header: &H, body: &[u8]) -> Vec<u8>
 }
 
 /// A writer that hashes everything written through it.
-struct Hashing<W: Write> {
-    inner: W,
-    hash: Sha256,
+pub(crate) struct Hashing<W: Write> {
+    pub(crate) inner: W,
+    pub(crate) hash: Sha256,
 }
 
 impl<W: Write> Write for Hashing<W> {
@@ -174,6 +174,37 @@ pub fn decode_file_with<H: DeserializeOwned>(
     path: &Path,
     keys: Option<&Keys>,
 ) -> Result<(H, Box<dyn Read + Send>), FormatError> {
+    let (f, len, head) = verified_head(path)?;
+    let hlen = (head.len() - 16 - 32) as u64;
+    let header = decode_header_unverified::<H>(magic, kind, &head)?;
+    let opener = opener(&head, hlen as usize, keys)?;
+    let body = BufReader::with_capacity(1 << 20, f.take(len - 32 - 16 - hlen));
+    let body: Box<dyn Read + Send> = match opener {
+        None => Box::new(lz4_flex::frame::FrameDecoder::new(body)),
+        Some(k) => Box::new(lz4_flex::frame::FrameDecoder::new(BufReader::new(
+            k.open_stream(body).map_err(decrypt_err)?,
+        ))),
+    };
+    Ok((header, body))
+}
+
+/// Verifies an object stored in a file and returns its header only: what
+/// a replicator needs of the newest object to resume (its body may be
+/// encrypted to keys this process does not hold).
+pub fn decode_file_header<H: DeserializeOwned>(
+    magic: &[u8; 8],
+    kind: &'static str,
+    path: &Path,
+) -> Result<H, FormatError> {
+    let (_, _, head) = verified_head(path)?;
+    decode_header_unverified::<H>(magic, kind, &head)
+}
+
+/// Checks the SHA-256 trailer of the object in the file at `path`
+/// (streaming), then reads its first 16 bytes and header. Returns the file
+/// (positioned at the body), its length, and those bytes followed by 32
+/// zero bytes (the shape `decode_header_unverified` takes).
+fn verified_head(path: &Path) -> Result<(File, u64, Vec<u8>), FormatError> {
     let io_err = |e: io::Error| FormatError::Body(format!("{}: {e}", path.display()));
     let mut f = File::open(path).map_err(io_err)?;
     let len = f.metadata().map_err(io_err)?.len();
@@ -200,52 +231,7 @@ pub fn decode_file_with<H: DeserializeOwned>(
     head.resize(16 + hlen as usize, 0);
     f.read_exact(&mut head[16..]).map_err(io_err)?;
     head.extend_from_slice(&[0u8; 32]);
-    let header = decode_header_unverified::<H>(magic, kind, &head)?;
-    let opener = opener(&head, hlen as usize, keys)?;
-    let body = BufReader::with_capacity(1 << 20, f.take(len - 32 - 16 - hlen));
-    let body: Box<dyn Read + Send> = match opener {
-        None => Box::new(lz4_flex::frame::FrameDecoder::new(body)),
-        Some(k) => Box::new(lz4_flex::frame::FrameDecoder::new(BufReader::new(
-            k.open_stream(body).map_err(decrypt_err)?,
-        ))),
-    };
-    Ok((header, body))
-}
-
-/// Verifies an object stored in a file and returns its header only: what
-/// a replicator needs of the newest object to resume (its body may be
-/// encrypted to keys this process does not hold).
-pub fn decode_file_header<H: DeserializeOwned>(
-    magic: &[u8; 8],
-    kind: &'static str,
-    path: &Path,
-) -> Result<H, FormatError> {
-    let io_err = |e: io::Error| FormatError::Body(format!("{}: {e}", path.display()));
-    let mut f = File::open(path).map_err(io_err)?;
-    let len = f.metadata().map_err(io_err)?.len();
-    if len < 16 + 32 {
-        return Err(FormatError::Truncated(len as usize));
-    }
-    let mut hash = Sha256::new();
-    let mut reader = BufReader::with_capacity(1 << 20, (&mut f).take(len - 32));
-    io::copy(&mut reader, &mut hash).map_err(io_err)?;
-    let mut sum = [0u8; 32];
-    f.read_exact(&mut sum).map_err(io_err)?;
-    if hash.finalize().as_slice() != sum {
-        return Err(FormatError::Checksum);
-    }
-    let mut prefix = [0u8; 16];
-    f.seek(SeekFrom::Start(0)).map_err(io_err)?;
-    f.read_exact(&mut prefix).map_err(io_err)?;
-    let hlen = u32::from_be_bytes(prefix[12..16].try_into().unwrap()) as u64;
-    if 16 + hlen + 32 > len {
-        return Err(FormatError::Truncated(len as usize));
-    }
-    let mut head = prefix.to_vec();
-    head.resize(16 + hlen as usize, 0);
-    f.read_exact(&mut head[16..]).map_err(io_err)?;
-    head.extend_from_slice(&[0u8; 32]);
-    decode_header_unverified::<H>(magic, kind, &head)
+    Ok((f, len, head))
 }
 
 /// Buffered file writer for `encode_to`.

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,23 +12,9 @@ use common::*;
 
 /// One HTTP request over the daemon's Unix socket: status and body.
 fn call(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: walstream\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
-    (status, body)
+    http_exchange(s, method, path, "", body)
 }
 
 fn sync_body(db: &Path, extra: &str) -> String {
@@ -357,26 +342,12 @@ fn bad_requests_get_clear_errors() {
 
     // TCP: without the token, refused; with it, answered.
     let tcp = |auth: Option<&str>| -> (u16, String) {
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let s = std::net::TcpStream::connect(&addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let body = sync_body(&db, "");
         let auth = auth
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
-        write!(
-            s,
-            "POST /sync HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (status, text)
+        http_exchange(s, "POST", "/sync", &auth, &sync_body(&db, ""))
     };
     assert_eq!(tcp(None).0, 401);
     let (status, text) = tcp(Some("wrong-token-0123456789"));

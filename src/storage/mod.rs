@@ -112,14 +112,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Stores the file at `path` under `key`. Backends that can, stream it, so
     /// objects of any size (snapshots of large databases) need bounded memory.
     async fn put_file(&self, key: &str, path: &Path) -> Result<(), StorageError> {
-        let data = tokio::fs::read(path)
-            .await
-            .map_err(|source| StorageError::Io {
-                op: "read upload source for",
-                location: self.location(),
-                key: key.to_string(),
-                source,
-            })?;
+        let data = self.read_source(key, path).await?;
         self.put(key, data).await
     }
 
@@ -137,14 +130,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Stores the file at `path` under `key` only if no object is there.
     async fn create_new_file(&self, key: &str, path: &Path) -> Result<Conditional, StorageError> {
-        let data = tokio::fs::read(path)
-            .await
-            .map_err(|source| StorageError::Io {
-                op: "read upload source for",
-                location: self.location(),
-                key: key.to_string(),
-                source,
-            })?;
+        let data = self.read_source(key, path).await?;
         self.create_new(key, data).await
     }
 
@@ -161,6 +147,19 @@ pub trait Storage: Send + Sync + fmt::Debug {
         _version: &str,
     ) -> Result<Conditional, StorageError> {
         Err(self.unsupported("replace", key))
+    }
+
+    /// The file to upload under `key`, read whole (backends that stream
+    /// do not call this).
+    async fn read_source(&self, key: &str, path: &Path) -> Result<Vec<u8>, StorageError> {
+        tokio::fs::read(path)
+            .await
+            .map_err(|source| StorageError::Io {
+                op: "read upload source for",
+                location: self.location(),
+                key: key.to_string(),
+                source,
+            })
     }
 
     fn unsupported(&self, op: &'static str, key: &str) -> StorageError {

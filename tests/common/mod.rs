@@ -23,12 +23,25 @@ pub fn free_addr() -> String {
 
 /// A plain HTTP/1.1 GET; returns the status code and body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    http_exchange(s, "GET", path, "", "")
+}
+
+/// One HTTP/1.1 request over `s` (TCP, or a Unix socket), with extra
+/// `headers` (each ending in CRLF) and `body`; returns the status code and
+/// the response body.
+pub fn http_exchange<S: std::io::Read + std::io::Write>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: walstream\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut text = String::new();
